@@ -1,0 +1,276 @@
+"""The math every experiment shares: generalized holomorphic EP (Laborieux & Zenke, 2023).
+
+Read alongside the paper (equation numbers below are the paper's). Everything here is
+independent of the architecture: a network is handed in as functions of its state.
+
+Conventions
+-----------
+* A *state* is a pytree of arrays whose leaves all carry a leading batch axis.
+* The experiments use the discrete dynamics of App. D.2,
+      u <- step(u) = G(sigma(u)) + beta * dL/ds_out,   i.e. F(u) = step(u) - u,
+  where s = sigma(u) is the *activated* state and L the (summed) loss.
+* The Jacobian whose symmetry matters is taken with respect to s: K = dG/ds, and
+  J = dF/ds = K - I (tied weights make it symmetric, which is what makes EP exact).
+* hEP estimates d_beta s* (the derivative of the activated fixed point); RBP's neuronal
+  error delta (Eq. 4) lives in u-space. Both plug into the same parameter VJP,
+  (dG/dtheta)^T e, to give a gradient estimate. With tied weights d_beta s* == delta exactly
+  (Eq. 5); otherwise d_beta s* = (I - DK)^{-1} (I - DK^T) delta (exact form of Eq. 10),
+  with D = diag(sigma'(u*)).
+
+The dense "exact references" at the bottom are for small networks (tests, diagnostics).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+tree_map = jax.tree_util.tree_map
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def tree_add(a, b):
+  return tree_map(jnp.add, a, b)
+
+
+def tree_sub(a, b):
+  return tree_map(jnp.subtract, a, b)
+
+
+def per_sample_sq_norm(tree):
+  """Sum over everything but the leading (batch) axis of |x|^2, summed over leaves."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return sum(jnp.sum(jnp.abs(x.reshape(x.shape[0], -1)) ** 2, axis=1) for x in leaves)
+
+
+def per_sample_dot(a, b):
+  """<a_i, b_i> for every sample i, summed over leaves (real parts)."""
+  terms = tree_map(lambda x, y: jnp.sum((x * y).reshape(x.shape[0], -1).real, axis=1), a, b)
+  return sum(jax.tree_util.tree_leaves(terms))
+
+
+def per_sample_cosine(a, b, eps=1e-12):
+  """Cosine similarity between a_i and b_i for every sample i (over all leaves given)."""
+  num = per_sample_dot(a, b)
+  return num / jnp.sqrt(per_sample_sq_norm(a) * per_sample_sq_norm(b) + eps)
+
+
+def units_per_sample(tree):
+  """n, the number of state units of one sample."""
+  return sum(math.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(tree))
+
+
+# ------------------------------------------------------------------ fixed-point iteration
+
+def fixed_point(step, u0, num_steps, tol=0.0):
+  """Relax the discrete dynamics u <- u + F(u) = step(u) (Eq. 1; Eq. 2 at convergence).
+
+  Runs `num_steps` steps with `lax.fori_loop` (compile time does not grow with the number
+  of steps). With `tol > 0` it stops early, through `lax.while_loop`, once every sample's
+  ||F(u)|| is below `tol`; the default `tol=0` always runs exactly `num_steps` steps and is
+  reverse-mode differentiable (BPTT).
+
+  Returns `(u, log10_residual)`, where the residual is the largest per-sample norm of the
+  last update, ||F(u_{T-1})|| = ||u_T - u_{T-1}|| (all leaves together). A run that has
+  reached its fixed point has a residual at the level of floating-point noise; NaN or a
+  large value means the dynamics did not converge.
+  """
+  if num_steps < 1:
+    raise ValueError(f'fixed_point needs num_steps >= 1, got {num_steps}')
+
+  def residual(new, old):
+    return jnp.sqrt(jnp.max(per_sample_sq_norm(tree_sub(new, old)))).astype(jnp.float32)
+
+  if tol > 0:
+    def cond(carry):
+      i, _, res = carry
+      return (i < num_steps) & (res > tol)
+
+    def body(carry):
+      i, u, _ = carry
+      new = step(u)
+      return i + 1, new, residual(new, u)
+
+    big = jnp.asarray(jnp.inf, jnp.float32)
+    _, u, res = jax.lax.while_loop(cond, body, (0, u0, big))
+  else:
+    u = jax.lax.fori_loop(0, num_steps - 1, lambda _, u: step(u), u0)
+    new = step(u)
+    u, res = new, residual(new, u)
+  return u, jnp.log10(res + 1e-30)
+
+
+# ------------------------------------------------------------- estimators of d_beta s*
+
+def cauchy_points(beta_abs, n_points):
+  """The teaching amplitudes that are actually relaxed, and the weight of each (App. D.1).
+
+  The N points are beta_k = |beta| e^{2 i pi k / N}. For real parameters the fixed point
+  obeys s*(conj beta) = conj s*(beta), so only k = 0..floor(N/2) are relaxed and the
+  conjugate partners are counted twice. N = 1 and N = 2 need real betas only (+|beta|, and
+  -|beta| for N = 2) and stay in real arithmetic; N >= 3 is complex.
+
+  Returns (betas, phases, weights): the k-th term of Eq. 22 is
+  weights[k] * Re[(s*(betas[k]) - s*_0) * conj(phases[k])] / (N |beta|).
+  """
+  if n_points < 1:
+    raise ValueError(f'the Cauchy estimate needs N >= 1 points, got {n_points}')
+  k = np.arange(n_points // 2 + 1)
+  phases = np.exp(2j * np.pi * k / n_points)
+  # Conjugate partners (k and N - k) count twice; k = 0 and k = N/2 are their own partner.
+  weights = np.where((k == 0) | (2 * k == n_points), 1.0, 2.0)
+  betas = beta_abs * (phases.real if n_points <= 2 else phases)
+  return betas, phases, weights
+
+
+def cauchy_estimate(relax, s0, beta_abs, n_points):
+  """Cauchy-integral estimate of d_beta s* with N points (Eq. 7, App. D.1 Eq. 22).
+
+      d_beta s* ~= 1/(N |beta|) sum_k (s*(beta_k) - s*_0) e^{-2 i pi k / N}
+
+  `relax(beta)` returns the activated nudged fixed point s*(beta) (a pytree), relaxed from
+  the free fixed point; `s0` is the free one, s*(0). Subtracting s*_0 changes nothing for
+  N >= 2 (the phases sum to zero) and makes N = 1 the classic one-sided EP estimate
+  (s*_beta - s*_0) / beta. The bias is O(|beta|^N / (N+1)!) (App. D.1). All relaxations run
+  together, vectorised over beta.
+  """
+  betas, phases, weights = cauchy_points(beta_abs, n_points)
+  nudged = jax.vmap(relax)(jnp.asarray(betas))  # float32 / complex64 unless x64 is on
+  coef = weights * np.conj(phases) / (n_points * beta_abs)
+  coef = jnp.asarray(coef.real if n_points <= 2 else coef)
+
+  def combine(s_k, s_0):
+    terms = (s_k - s_0[None]) * coef.reshape((-1,) + (1,) * s_0.ndim)
+    return jnp.sum(terms.real, axis=0).astype(s_0.dtype)
+
+  return tree_map(combine, nudged, s0)
+
+
+def exact_dbeta(relax):
+  """The true d_beta s* at beta = 0 by forward-mode autodiff through the nudged relaxation.
+
+  This is Table 1's "True d_beta u*": `relax` runs T_nudge steps from the free fixed point,
+  so the derivative is exact up to the convergence of those steps.
+  """
+  zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+  return jax.jvp(relax, (zero,), (one,))[1]
+
+
+def continuous_time_estimate(step, u0, activate, beta_abs, n_points, steps_per_point,
+                             periods):
+  """Continuous-time hEP: no free phase, a rotating teaching signal (Eqs. 8-9, App. C.1, D.3).
+
+  beta(t) steps through the N points |beta| e^{2 i pi k / N}, holding each for
+  `steps_per_point` steps of `u <- step(u, beta)`, for `periods` full periods, starting
+  from `u0` (the dynamics are never let to settle without a nudge). Running averages over
+  the whole run (from t = 0, as in Eq. 8) give
+
+      s_bar  = mean_t s(t)                                 -> s*_0      (Eq. 9)
+      e_bar  = mean_t s(t) e^{-2 i pi k(t) / N} / |beta|    -> d_beta s* (Eq. 8)
+
+  The transient from `u0` contributes O(1/periods) to both; with an equilibrated system the
+  per-period average equals the N-point Cauchy estimate. Paper setting: N = 4, 60 steps per
+  point, 5 periods. For drives G that are affine in s (the MLPs), averaging dF/dtheta over
+  time (Eq. 9) is the same as evaluating it at s_bar, which is what callers do.
+
+  Returns (s_bar, e_bar), both real.
+  """
+  if n_points < 2:
+    raise ValueError(f'the continuous-time estimate needs N >= 2 points, got {n_points}')
+  phases = np.exp(2j * np.pi * np.arange(n_points) / n_points)
+  if n_points == 2:
+    phases = phases.real
+  betas, conj_phases = jnp.asarray(beta_abs * phases), jnp.asarray(np.conj(phases))
+  dtype = betas.dtype
+  total = n_points * steps_per_point * periods
+
+  def body(t, carry):
+    u, s_sum, e_sum = carry
+    k = (t // steps_per_point) % n_points
+    u = step(u, betas[k])
+    s = activate(u)
+    return u, tree_add(s_sum, s), tree_map(lambda a, x: a + x * conj_phases[k], e_sum, s)
+
+  u0 = tree_map(lambda x: x.astype(dtype), u0)
+  zeros = tree_map(jnp.zeros_like, activate(u0))
+  _, s_sum, e_sum = jax.lax.fori_loop(0, total, body, (u0, zeros, zeros))
+  s_bar = tree_map(lambda x: (x / total).real, s_sum)
+  e_bar = tree_map(lambda x: (x / (total * beta_abs)).real, e_sum)
+  return s_bar, e_bar
+
+
+def rbp_delta(step, u_star, dl_du, num_steps):
+  """RBP's neuronal error delta = -J_F^{-T} dL/du (Eq. 4) by the linear adjoint dynamics.
+
+  Iterates delta <- delta + (J_F^T delta + dL/du) = (dstep/du)^T delta + dL/du from zero
+  for `num_steps` steps, with J_F^T through a VJP of the free step at the fixed point
+  `u_star` (step(u) = u + F(u)). The fixed point is (I - D K^T)^{-1} D g.
+  """
+  _, vjp = jax.vjp(step, u_star)
+  zeros = tree_map(jnp.zeros_like, dl_du)
+  return jax.lax.fori_loop(0, num_steps, lambda _, d: tree_add(vjp(d)[0], dl_du), zeros)
+
+
+# ---------------------------------------------------------------------- homeostatic loss
+
+def homeostatic_loss(drive, s, noise):
+  """Jacobian homeostasis (Eq. 12, App. A.2), the Hutchinson estimate of the asymmetry.
+
+      L_homeo = mean_{samples, draws} (||J e||^2 - e^T J^2 e) / n,   e ~ N(0, I),
+
+  with J = dF/ds = dG/ds - I at the state `s` (the free fixed point; pass it through
+  `stop_gradient` so the gradient flows to the parameters only), `drive(s)` = G(s) (the
+  parameters are closed over) and n the number of state units per sample. J e and J (J e)
+  are two JVPs; the full Jacobian is never formed. Its expected value is
+  (||J||_F^2 - tr(J^2)) / n = 2 ||A||_F^2 / n, A = (J - J^T)/2 (the identity in J cancels).
+  This per-unit, sample- and draw-averaged normalisation is the one the paper's lambda
+  values (0.1, 1, 10, 15) were tuned with.
+
+  `noise` has the structure of `s` with an extra leading axis of draws (5 in the paper).
+  """
+  def field(x):
+    return tree_sub(drive(x), x)
+
+  def one_draw(e):
+    je = jax.jvp(field, (s,), (e,))[1]
+    jje = jax.jvp(field, (s,), (je,))[1]
+    return per_sample_sq_norm(je) - per_sample_dot(e, jje)
+
+  return jnp.mean(jax.vmap(one_draw)(noise)) / units_per_sample(s)
+
+
+# ------------------------------------------------------ exact references (small networks)
+
+def flat_jacobian(fn, x):
+  """Dense Jacobian of a pytree -> pytree map for ONE sample (leading batch axis of size 1)."""
+  flat_x, unravel = ravel_pytree(x)
+  return jax.jacfwd(lambda v: ravel_pytree(fn(unravel(v)))[0])(flat_x)
+
+
+def flatten(tree):
+  return ravel_pytree(tree)[0]
+
+
+def symmetry_measure(jac):
+  """||S|| / (||S|| + ||A||) with S, A the symmetric and skew-symmetric parts (Section 3.3)."""
+  s, a = jnp.linalg.norm((jac + jac.T) / 2), jnp.linalg.norm((jac - jac.T) / 2)
+  return s / (s + a)
+
+
+def homeostatic_loss_exact(jac):
+  """The exact expected value of `homeostatic_loss` for one sample: (||J||^2 - tr J^2) / n."""
+  return (jnp.sum(jac ** 2) - jnp.trace(jac @ jac)) / jac.shape[0]
+
+
+def dbeta_s_dense(k, d, g):
+  """d_beta s* = (I - D K)^{-1} D g by a dense solve (K = dG/ds, d = sigma'(u*), g = dL/ds)."""
+  n = k.shape[0]
+  return jnp.linalg.solve(jnp.eye(n) - d[:, None] * k, d * g)
+
+
+def rbp_delta_dense(k, d, g):
+  """delta = -J_u^{-T} dL/du = (I - D K^T)^{-1} D g by a dense solve (Eq. 4)."""
+  n = k.shape[0]
+  return jnp.linalg.solve(jnp.eye(n) - d[:, None] * k.T, d * g)
