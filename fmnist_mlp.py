@@ -643,13 +643,16 @@ def train_and_evaluate(config, workdir):
       row['log10_residual_max'] = float(worst.max())
     if 'homeo_loss' in train:
       row['train_homeo_loss'] = float(train['homeo_loss'].mean())
-    if not np.all(np.isfinite(train['loss'])):
+    host_params = jax.tree_util.tree_map(lambda a: a[0], params)
+    finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(
+        jax.device_get(host_params)))
+    if not (finite_params and np.all(np.isfinite(train['loss']))):
       row['diverged'] = True
       write_metrics(workdir, history + [row])
       raise FloatingPointError(
-          f'training diverged in epoch {epoch} (non-finite loss); the checkpoint still holds '
-          f'epoch {epoch - 1}. Lower the learning rate or check the dynamics converge.')
-    host_params = jax.tree_util.tree_map(lambda a: a[0], params)
+          f'training diverged in epoch {epoch} (non-finite loss or parameters); the '
+          f'checkpoint still holds epoch {epoch - 1}. Lower the learning rate or check that '
+          'the dynamics converge.')
     row['test_error'] = evaluate(eval_step, params, data['test'], config, num_devices)
     row.update({'diag/' + k: v for k, v in to_python(diagnostics(host_params, diag_x,
                                                                  diag_y)).items()})
