@@ -1,4 +1,4 @@
-r"""Generalized holomorphic EP on a Fashion-MNIST MLP (Laborieux & Zenke, 2023).
+r"""Generalized holomorphic EP on a Fashion-MNIST MLP (Laborieux & Zenke, ICLR 2024).
 
 Paper: Table 1, Fig. 3, Fig. 4a-d. Network of App. D.2: 784 - 256 - 256 - 10 with reciprocal
 connections whose forward and backward weights are independent (Fig. 1b), so the Jacobian at
@@ -190,7 +190,7 @@ def loss_grad_s(params, s_out, labels):
 def make_step(config, params, x_drive, labels=None):
   """step(u, beta) -> next state of u <- G(sigma(u)) + beta dL/ds_out (beta = 0: free).
 
-  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks how the layers are updated:
+  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order:
 
   * 'synchronous': every layer at once from the previous state, exactly App. D.2.
   * 'alternating' (default): layers 1, 3, 5, ... then layers 2, 4, ... from the fresh values.
@@ -476,7 +476,8 @@ def resolve_config(config, num_local_devices):
   if c.data_source not in ('auto', 'idx', 'tfds'):
     raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
   if c.layer_updates not in ('alternating', 'synchronous'):
-    raise ConfigError(f"unknown layer_updates {c.layer_updates!r} (use 'alternating' or 'synchronous')")
+    raise ConfigError(f'unknown layer_updates {c.layer_updates!r} '
+                      "(use 'alternating' or 'synchronous')")
   if c.algorithm not in ALGORITHMS:
     raise ConfigError(f'unknown algorithm {c.algorithm!r} (use one of {", ".join(ALGORITHMS)})')
   if c.n_points < 0:

@@ -14,7 +14,7 @@ import pytest
 
 import common
 import fmnist_mlp as m
-from tiny import BATCH, dense, free_fixed_point, sample, tie, tiny_mlp
+from tiny import BATCH, dense, exact_and_rbp, free_fixed_point, sample, tie, tiny_mlp
 
 
 # ------------------------------------------------------------------------ fixed point
@@ -165,10 +165,7 @@ def test_continuous_time_estimate_converges_to_the_cauchy_estimate():
 def test_tied_weights_make_k_symmetric_and_hep_equal_rbp():
   config, params, x, labels = tiny_mlp()
   params = tie(params)
-  x_drive = m.input_drive(params, x)
-  u_free = free_fixed_point(config, params, x)
-  exact = common.exact_dbeta(m.nudged_relaxation(config, params, x_drive, labels, u_free))
-  delta = m.rbp_error(config, params, x_drive, labels, u_free)
+  u_free, exact, delta = exact_and_rbp(config, params, x, labels)
   for i in range(BATCH):
     k, d, g = dense(config, params, x, labels, u_free, i)
     np.testing.assert_allclose(k, k.T, atol=1e-14)
@@ -178,10 +175,7 @@ def test_tied_weights_make_k_symmetric_and_hep_equal_rbp():
 
 def test_untied_weights_obey_the_exact_form_of_eq_10():
   config, params, x, labels = tiny_mlp(alpha=80.0)
-  x_drive = m.input_drive(params, x)
-  u_free = free_fixed_point(config, params, x)
-  exact = common.exact_dbeta(m.nudged_relaxation(config, params, x_drive, labels, u_free))
-  delta = m.rbp_error(config, params, x_drive, labels, u_free)
+  u_free, exact, delta = exact_and_rbp(config, params, x, labels)
   for i in range(BATCH):
     k, d, g = dense(config, params, x, labels, u_free, i)
     np.testing.assert_allclose(sample(delta, i), common.rbp_delta_dense(k, d, g), rtol=1e-9,

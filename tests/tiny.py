@@ -20,8 +20,9 @@ def tiny_mlp(alpha=60.0, scale=0.6, seed=0, layer_updates='synchronous', t_free=
   config.t_free, config.t_nudge = t_free, t_nudge
   params = fmnist_mlp.init_params(jax.random.PRNGKey(seed), config)
   params = jax.tree_util.tree_map(lambda w: scale * w, params)
-  params['forward'] = [dict(p, b=0.3 * jax.random.normal(jax.random.PRNGKey(seed + l), p['b'].shape))
-                       for l, p in enumerate(params['forward'])]
+  params['forward'] = [
+      dict(p, b=0.3 * jax.random.normal(jax.random.PRNGKey(seed + l), p['b'].shape))
+      for l, p in enumerate(params['forward'])]
   # A gentler readout keeps s*(beta) holomorphic well beyond |beta| = 0.5.
   params['readout'] = jax.tree_util.tree_map(
       lambda w: 0.5 * w, fmnist_mlp.init_params(jax.random.PRNGKey(seed), config)['readout'])
@@ -42,6 +43,15 @@ def free_fixed_point(config, params, x):
   u, res = fmnist_mlp.free_relaxation(config, params, fmnist_mlp.input_drive(params, x))
   assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
   return u
+
+
+def exact_and_rbp(config, params, x, labels):
+  """(u_free, exact d_beta s*, RBP's delta) of the network at its free fixed point."""
+  x_drive = fmnist_mlp.input_drive(params, x)
+  u_free = free_fixed_point(config, params, x)
+  relax = fmnist_mlp.nudged_relaxation(config, params, x_drive, labels, u_free)
+  delta = fmnist_mlp.rbp_error(config, params, x_drive, labels, u_free)
+  return u_free, common.exact_dbeta(relax), delta
 
 
 def dense(config, params, x, labels, u_free, i):
