@@ -1,0 +1,711 @@
+r"""Homeostasis where weight symmetry is impossible: direct output feedback (Fig. 4e-h).
+
+Laborieux & Zenke, ICLR 2024, Section 4 and Fig. 4e-h. The network of Fig. 4e is a directed
+cycle: the image drives layer 1, layer 1 drives layer 2, layer 2 drives the 10-unit output
+layer (each with a bias), and the output feeds straight back to layer 1 (no bias):
+
+    x -> [1] -> [2] -> [out]
+          ^              |
+          +--------------+          784 - 256 - 256 - 10, feedback 10 -> 256
+
+There is no reciprocal connection (no 2 -> 1, no out -> 2), so no weight can be the transpose
+of another: K = dG/ds has nonzero blocks only at (2, 1), (out, 2) and (1, out), K and K^T
+never overlap, and the Jacobian is not symmetric for any parameters. The homeostatic loss
+acts on the Jacobian itself (Eq. 12); the question of Fig. 4e-h is whether it still raises
+the Jacobian's symmetry and the alignment of hEP's d_beta s* with RBP's delta. There is no
+forward/backward weight angle here, and the metrics say so (null) rather than invent one.
+
+    python fmnist_feedback.py --config=configs/fmnist_feedback.py --workdir=runs/feedback_l0.1
+    python fmnist_feedback.py --config=configs/fmnist_feedback.py --workdir=runs/feedback_l0 \
+        --config.homeo_coef=0
+
+The script reads top to bottom: data, network, gradient estimators, train step, diagnostics,
+checkpointing, main loop. The shared math (fixed point, Cauchy estimate, RBP, homeostatic
+loss) lives in common.py.
+
+Sign convention (the authors' code; see the README): the nudge ADDS beta * dL/ds_out to the
+output layer's drive, where L is the softmax cross-entropy of the readout. Then
+(dG/dtheta)^T d_beta s* is the gradient of L itself, descended like any other gradient.
+(App. D.2 writes the nudge as +beta w_ro^T (y - softmax), the opposite sign, which would flip
+the estimate.)
+
+What the homeostatic loss is here. G is affine in s, so J = dF/ds = K - I is the same at
+every state, and because the graph is a cycle of length >= 3, tr(K) = tr(K^2) = 0. Eq. 12's
+expected value (||J||^2 - tr J^2) / n is then ||K||_F^2 / n: the summed squares of the three
+recurrent weight matrices (feedforward l1->l2, l2->out and the feedback), divided by the
+number of units. Its gradient shrinks them; the symmetric part of J is dominated by -I, so
+the symmetry measure rises as ||K|| falls. (Tested in tests/test_feedback.py.)
+"""
+import gzip
+import json
+import os
+import pickle
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+import common
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist_feedback.py',
+                                          'Experiment configuration.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and '
+                               'checkpoint; rerunning with the same workdir resumes.')
+
+ALGORITHMS = ('hep', 'hep_exact', 'hep_continuous', 'rbp', 'bptt')
+NUM_CLASSES = 10
+
+
+class ConfigError(ValueError):
+  """Bad input, reported as one line before any compute is spent."""
+
+
+# ======================================================================================
+# Data
+# ======================================================================================
+
+DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+             'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+
+
+def read_idx(path):
+  """An IDX file (the original MNIST format) as a uint8 array."""
+  with gzip.open(path, 'rb') as f:
+    data = f.read()
+  zeros, dtype, ndim = data[0:2], data[2], data[3]
+  if zeros != b'\x00\x00' or dtype != 0x08:
+    raise ConfigError(f'{path} is not a uint8 IDX file')
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_idx(folder):
+  missing = [f for pair in IDX_FILES.values() for f in pair
+             if not os.path.exists(os.path.join(folder, f))]
+  if missing:
+    raise ConfigError(f'Fashion-MNIST IDX files missing in {folder}: {", ".join(missing)}')
+  out = {}
+  for split, (images, labels) in IDX_FILES.items():
+    x = read_idx(os.path.join(folder, images))
+    out[split] = (x.reshape(len(x), -1), read_idx(os.path.join(folder, labels)).astype(np.int32))
+  return out
+
+
+def load_tfds(data_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  out = {}
+  for split in ('train', 'test'):
+    source = tfds.data_source('fashion_mnist', split=split, data_dir=data_dir or None)
+    examples = [source[i] for i in range(len(source))]
+    x = np.stack([np.asarray(e['image'], np.uint8).reshape(-1) for e in examples])
+    out[split] = (x, np.asarray([e['label'] for e in examples], np.int32))
+  return out
+
+
+def load_data(config):
+  """{'train': (x, y), 'test': (x, y)} with x uint8 (n, 784) and integer labels."""
+  folder = config.data_dir or DEBIAN_DIR
+  if config.data_source == 'idx' or (config.data_source == 'auto' and
+                                     (config.data_dir or os.path.isdir(DEBIAN_DIR))):
+    data = load_idx(folder)
+  else:
+    try:
+      data = load_tfds(config.tfds_data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          'no Fashion-MNIST found: install the Debian package dataset-fashion-mnist, point '
+          '--config.data_dir at the four IDX .gz files, or make TFDS fashion_mnist available '
+          f'(needs internet and tensorflow) [{type(e).__name__}: {str(e).splitlines()[0]}]'
+      ) from e
+  for split, size in (('train', config.train_size), ('test', config.test_size)):
+    if size:
+      data[split] = tuple(a[:size] for a in data[split])
+  return data
+
+
+# ======================================================================================
+# Network (Fig. 4e; dynamics of App. D.2)
+# ======================================================================================
+# State: a tuple (u_1, ..., u_L) of (batch, n_l) arrays; u_L is the 10-unit output layer.
+# Parameters: {'forward': [{'w', 'b'}] * L, 'feedback': {'w'}, 'readout': {'w', 'b'}}
+# forward[l]['w'] maps layer l-1 (the image for l = 0) to layer l; feedback['w'] maps the
+# output layer straight back to layer 1 and has no bias. Nothing else flows downwards. The
+# readout is not part of the dynamics.
+
+def sigma(u):
+  """The shifted sigmoid 1 / (1 + e^{-4u + 2}); holomorphic, so it also takes complex u."""
+  return jax.nn.sigmoid(4.0 * u - 2.0)
+
+
+def activate(u):
+  return tuple(sigma(x) for x in u)
+
+
+def dot(s, w):
+  """s @ w for a real or complex state and real weights (complex: two real matmuls)."""
+  if jnp.iscomplexobj(s):
+    return jax.lax.complex(s.real @ w, s.imag @ w)
+  return s @ w
+
+
+def init_params(key, config):
+  """LeCun-normal weights (the feedback's fan-in is the 10 output units), zero biases."""
+  sizes = (784, *config.hidden_sizes, NUM_CLASSES)
+  init = jax.nn.initializers.lecun_normal()  # truncated normal, variance 1 / fan_in
+  keys = iter(jax.random.split(key, len(sizes) + 1))
+  forward = [{'w': init(next(keys), (n_in, n_out)), 'b': jnp.zeros(n_out)}
+             for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+  feedback = {'w': init(next(keys), (NUM_CLASSES, sizes[1]))}
+  readout = {'w': init(next(keys), (NUM_CLASSES, NUM_CLASSES)), 'b': jnp.zeros(NUM_CLASSES)}
+  return {'forward': forward, 'feedback': feedback, 'readout': readout}
+
+
+def input_drive(params, x):
+  """w_in x + b_1: constant during a relaxation, so it is computed once per batch."""
+  return x @ params['forward'][0]['w'] + params['forward'][0]['b']
+
+
+def layer_drive(params, s, x_drive, l):
+  """G_l(s): the new u of layer l from the one layer that drives it, no nudge.
+
+  Layer 1 hears the image and the output layer (the feedback); every other layer hears only
+  the layer below it.
+  """
+  if l == 0:
+    return x_drive + dot(s[-1], params['feedback']['w'])
+  return dot(s[l - 1], params['forward'][l]['w']) + params['forward'][l]['b']
+
+
+def drives(params, s, x_drive):
+  """G(s) for all layers: u <- G(sigma(u)) is the free synchronous step of App. D.2."""
+  return tuple(layer_drive(params, s, x_drive, l) for l in range(len(s)))
+
+
+def readout_logits(params, s_out):
+  return dot(s_out, params['readout']['w']) + params['readout']['b']
+
+
+def readout_loss(params, s_out, labels):
+  """Mean softmax cross-entropy of the readout, and the accuracy."""
+  logits = readout_logits(params, s_out)
+  loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, NUM_CLASSES)).mean()
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def loss_grad_s(params, s_out, labels):
+  """g = dL/ds_out per sample, L the softmax cross-entropy (holomorphic in s_out)."""
+  probs = jax.nn.softmax(readout_logits(params, s_out))
+  return dot(probs - jax.nn.one_hot(labels, NUM_CLASSES), params['readout']['w'].T)
+
+
+def make_step(config, params, x_drive, labels=None):
+  """step(u, beta) -> next state of u <- G(sigma(u)) + beta dL/ds_out (beta = 0: free).
+
+  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order:
+
+  * 'synchronous': every layer at once from the previous state, exactly App. D.2.
+  * 'sequential' (default): layer 1, then layer 2, ..., then the output layer, each from the
+    values just computed. Each layer is driven by exactly one other layer (the one before it
+    on the cycle 1 -> 2 -> ... -> out -> 1; the image is constant), so the synchronous
+    dynamics split into C = len(hidden_sizes) + 1 independent chains, one per starting
+    layer: u_out(0) -> u_1(1) -> u_2(2) -> ... -> u_out(C) -> u_1(C + 1) -> ... The
+    sequential sweep follows one of them exactly: after k sweeps from zeros, layer l
+    (1-based) holds u_l(C (k - 1) + l) of the synchronous trajectory, the output layer
+    u_out(C k). One sweep costs one synchronous step (each layer is computed once) and
+    advances the chain by C steps, so T synchronous steps cost ceil(T / C) sweeps (a third
+    for the network of Fig. 4e). The fixed points are the same. With beta != 0 the nudge
+    couples the output layer to its own previous value, which here is that of the previous
+    sweep (C synchronous steps back instead of one); the nudged fixed point is unchanged.
+    Callers run steps_for(config, T) steps for T synchronous steps.
+  """
+  num_layers = len(config.hidden_sizes) + 1
+
+  def new_u(s, l, beta):
+    g = layer_drive(params, s, x_drive, l)
+    if l == num_layers - 1 and beta is not None:
+      g = g + beta * loss_grad_s(params, s[-1], labels)
+    return g
+
+  def synchronous(u, beta=None):
+    s = activate(u)
+    return tuple(new_u(s, l, beta) for l in range(num_layers))
+
+  def sequential(u, beta=None):
+    u, s = list(u), list(activate(u))
+    for l in range(num_layers):
+      u[l] = new_u(s, l, beta)  # the output's nudge still sees s_out of the previous sweep
+      s[l] = sigma(u[l])
+    return tuple(u)
+
+  return synchronous if config.layer_updates == 'synchronous' else sequential
+
+
+def steps_for(config, num_synchronous_steps):
+  """Steps of make_step's update that cover `num_synchronous_steps` synchronous steps."""
+  if config.layer_updates == 'synchronous':
+    return num_synchronous_steps
+  cycle = len(config.hidden_sizes) + 1
+  return -(-num_synchronous_steps // cycle)  # ceil(T / C)
+
+
+def zeros_state(config, batch):
+  return tuple(jnp.zeros((batch, n)) for n in (*config.hidden_sizes, NUM_CLASSES))
+
+
+# ======================================================================================
+# Neuronal error vectors and gradients (Eqs. 4-9)
+# ======================================================================================
+
+def free_relaxation(config, params, x_drive):
+  """The free phase: T_free steps from zeros. Returns (u_free, log10 of the last update)."""
+  step = make_step(config, params, x_drive)
+  u0 = zeros_state(config, x_drive.shape[0])
+  return common.fixed_point(step, u0, steps_for(config, config.t_free), config.tol)
+
+
+def nudged_relaxation(config, params, x_drive, labels, u_free):
+  """beta -> s*(beta): T_nudge steps from the free fixed point (complex beta: complex state)."""
+  step = make_step(config, params, x_drive, labels)
+
+  def relax(beta):
+    u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
+    u, _ = common.fixed_point(lambda u: step(u, beta), u0, steps_for(config, config.t_nudge))
+    return activate(u)
+  return relax
+
+
+def continuous_estimate(config, params, x_drive, labels):
+  """(s_bar, e_bar) of continuous-time hEP (Eqs. 8-9): no free phase, starts from zeros."""
+  return common.continuous_time_estimate(
+      make_step(config, params, x_drive, labels), zeros_state(config, x_drive.shape[0]),
+      activate, config.beta, config.n_points,
+      steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
+
+
+def rbp_error(config, params, x_drive, labels, u_free):
+  """RBP's delta (Eq. 4) from the adjoint dynamics, with dL/du = D g on the output layer.
+
+  delta is defined through J_F of the synchronous step u <- G(sigma(u)), so that is the
+  step whose VJP is iterated (T_nudge times, as in the authors' code).
+  """
+  s_free = activate(u_free)
+  dl_ds = (*(jnp.zeros_like(s) for s in s_free[:-1]),
+           loss_grad_s(params, s_free[-1], labels))
+  dl_du = jax.vjp(activate, u_free)[1](dl_ds)[0]
+  step = lambda u: drives(params, activate(u), x_drive)
+  return common.rbp_delta(step, u_free, dl_du, config.t_nudge)
+
+
+def error_vector(config, params, x_drive, labels, u_free):
+  """The neuronal error vector e of the configured algorithm, at the free fixed point."""
+  relax = nudged_relaxation(config, params, x_drive, labels, u_free)
+  if config.algorithm == 'hep':
+    return common.cauchy_estimate(relax, activate(u_free), config.beta, config.n_points)
+  if config.algorithm == 'hep_exact':
+    return common.exact_dbeta(relax)
+  if config.algorithm == 'rbp':
+    return rbp_error(config, params, x_drive, labels, u_free)
+  raise ValueError(config.algorithm)
+
+
+def network_grads(params, x, s_free, error):
+  """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6)."""
+  _, vjp = jax.vjp(lambda p: drives(p, s_free, input_drive(p, x)), params)
+  return jax.tree_util.tree_map(lambda g: g / x.shape[0], vjp(error)[0])
+
+
+def bptt_grads(config, params, x, labels, u_free):
+  """The authors' "RBP/BP" baseline: autodiff through T_nudge steps from the free fixed point."""
+  u_start = jax.lax.stop_gradient(u_free)
+
+  def loss(p):
+    p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
+    step = make_step(config, p, input_drive(p, x))
+    u, _ = common.fixed_point(step, u_start, steps_for(config, config.t_nudge))
+    return readout_loss(p, sigma(u[-1]), labels)[0]
+  return jax.grad(loss)(params)
+
+
+def homeostatic_noise(config, key, sample_ids):
+  """e ~ N(0, I), (draws, batch, n) per layer, drawn per sample so device splits agree."""
+  num_units = sum((*config.hidden_sizes, NUM_CLASSES))
+  draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), (config.homeo_draws, num_units))
+  noise = jnp.swapaxes(jax.vmap(draw)(sample_ids), 0, 1)
+  splits = np.cumsum(config.hidden_sizes)
+  return tuple(jnp.split(noise, splits, axis=-1))
+
+
+def homeostatic_grads(config, params, x, s_free, noise):
+  """Gradient of lambda * L_homeo (Eq. 12), J = dF/ds at the free fixed point held fixed."""
+  s_fixed = jax.lax.stop_gradient(s_free)
+  loss = lambda p: common.homeostatic_loss(
+      lambda s: drives(p, s, input_drive(p, x)), s_fixed, noise)
+  value, grads = jax.value_and_grad(loss)(params)
+  return value, jax.tree_util.tree_map(lambda g: config.homeo_coef * g, grads)
+
+
+def compute_grads(config, params, x, labels, key, sample_ids):
+  """All gradients of one batch: network (by the chosen estimator) + readout + homeostasis."""
+  x_drive = input_drive(params, x)
+  metrics = {}
+  if config.algorithm == 'hep_continuous':
+    s_free, error = continuous_estimate(config, params, x_drive, labels)
+  else:
+    u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive)
+    s_free = activate(u_free)
+  if config.algorithm == 'bptt':
+    grads = bptt_grads(config, params, x, labels, u_free)
+  else:
+    if config.algorithm != 'hep_continuous':
+      error = error_vector(config, params, x_drive, labels, u_free)
+    grads = network_grads(params, x, s_free, error)
+
+  (loss, accuracy), readout_grads = jax.value_and_grad(
+      lambda p: readout_loss(p, s_free[-1], labels), has_aux=True)(params)
+  grads = jax.tree_util.tree_map(jnp.add, grads, readout_grads)
+  metrics.update(loss=loss, accuracy=accuracy)
+  if config.homeo_coef > 0:
+    noise = homeostatic_noise(config, key, sample_ids)
+    metrics['homeo_loss'], homeo = homeostatic_grads(config, params, x, s_free, noise)
+    grads = jax.tree_util.tree_map(jnp.add, grads, homeo)
+  return grads, metrics
+
+
+# ======================================================================================
+# Training and evaluation steps (jax.pmap over local devices)
+# ======================================================================================
+
+def make_optimizer(config):
+  if config.optimizer == 'sgd':
+    return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+  return optax.adam(config.learning_rate)
+
+
+def make_train_step(config, optimizer):
+  """One update. Each device takes its slice of the batch; gradients are averaged (pmean)."""
+  base_key = jax.random.PRNGKey(config.seed + 1)
+
+  def train_step(params, opt_state, step, images, labels):
+    local = images.shape[0]
+    sample_ids = step * config.batch_size + jax.lax.axis_index('batch') * local + jnp.arange(local)
+    x = images.astype(jnp.float32) / 255.0
+    grads, metrics = compute_grads(config, params, x, labels,
+                                   jax.random.fold_in(base_key, step), sample_ids)
+    # The only collective of the step (one all-reduce); metrics stay per device.
+    grads = jax.lax.pmean(grads, 'batch')
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, metrics
+
+  return jax.pmap(train_step, axis_name='batch', in_axes=(0, 0, None, 0, 0),
+                  donate_argnums=(0, 1))
+
+
+def make_eval_step(config):
+  """Number of misclassified test images (free phase + readout), summed over devices."""
+  def eval_step(params, images, labels, mask):
+    x = images.astype(jnp.float32) / 255.0
+    u, _ = free_relaxation(config, params, input_drive(params, x))
+    wrong = jnp.argmax(readout_logits(params, sigma(u[-1])), -1) != labels
+    return jax.lax.psum(jnp.sum(wrong * mask), 'batch')
+  return jax.pmap(eval_step, axis_name='batch')
+
+
+def evaluate(eval_step, params, data, config, num_devices):
+  """Test error in % over the whole split (the last batch is padded and masked)."""
+  x, y = data
+  per_call = config.eval_batch_size
+  wrong = 0
+  for start in range(0, len(x), per_call):
+    xb, yb = x[start:start + per_call], y[start:start + per_call]
+    pad = per_call - len(xb)
+    mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+    xb, yb = np.pad(xb, ((0, pad), (0, 0))), np.pad(yb, (0, pad))
+    shard = lambda a: a.reshape(num_devices, -1, *a.shape[1:])
+    wrong += float(eval_step(params, shard(xb), shard(yb), shard(mask))[0])
+  return 100.0 * wrong / len(x)
+
+
+# ======================================================================================
+# Diagnostics (one fixed batch per epoch, off the hot path)
+# ======================================================================================
+
+def make_diagnostics(config):
+  """Symmetry, alignment and convergence of the network on one batch (Fig. 4g-h).
+
+  No weight angle: no weight here has a transposed partner (the metrics record it as null).
+  """
+
+  @jax.jit
+  def diagnostics(params, images, labels):
+    x = images.astype(jnp.float32) / 255.0
+    x_drive = input_drive(params, x)
+    u_free, log10_residual = free_relaxation(config, params, x_drive)
+    s_free = activate(u_free)
+    relax = nudged_relaxation(config, params, x_drive, labels, u_free)
+    delta = rbp_error(config, params, x_drive, labels, u_free)
+    cos = lambda e: [jnp.mean(common.per_sample_cosine(a, b)) for a, b in zip(e, delta)]
+    out = {'log10_residual': log10_residual, 'cosine_exact': cos(common.exact_dbeta(relax))}
+    if config.algorithm == 'hep':
+      out['cosine_estimate'] = cos(common.cauchy_estimate(relax, s_free, config.beta,
+                                                          config.n_points))
+    elif config.algorithm == 'hep_continuous':
+      out['cosine_estimate'] = cos(continuous_estimate(config, params, x_drive, labels)[1])
+
+    # Dense J = dF/ds = K - I on a few samples: the symmetry measure and the exact value
+    # of the homeostatic loss, next to its Hutchinson estimate on the whole batch. (G is
+    # affine in s, so J is in fact the same for every sample; nothing here relies on it.)
+    def one_sample(s, xd):
+      one = lambda t: tuple(a[None] for a in t)
+      field = lambda z: common.tree_sub(drives(params, z, xd[None]), z)
+      jac = common.flat_jacobian(field, one(s))
+      return common.symmetry_measure(jac), common.homeostatic_loss_exact(jac)
+    m = config.diag_jacobian_samples
+    sym, homeo_exact = jax.vmap(one_sample)(tuple(s[:m] for s in s_free), x_drive[:m])
+    noise = homeostatic_noise(config, jax.random.PRNGKey(0), jnp.arange(x.shape[0]))
+    out.update(
+        symmetry=jnp.mean(sym), homeo_loss_exact=jnp.mean(homeo_exact),
+        homeo_loss=common.homeostatic_loss(lambda s: drives(params, s, x_drive), s_free, noise),
+        loss=readout_loss(params, s_free[-1], labels)[0])
+    return out
+
+  return diagnostics
+
+
+# ======================================================================================
+# Config checks, checkpointing, metrics
+# ======================================================================================
+
+def resolve_config(config, num_local_devices):
+  """Check the config (one-line ConfigError on bad input); returns the number of devices."""
+  c = config
+  if c.dataset != 'fashion_mnist':
+    raise ConfigError(f"unknown dataset {c.dataset!r}: this script trains on 'fashion_mnist'")
+  if c.data_source not in ('auto', 'idx', 'tfds'):
+    raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
+  if c.layer_updates not in ('sequential', 'synchronous'):
+    raise ConfigError(f'unknown layer_updates {c.layer_updates!r} '
+                      "(use 'sequential' or 'synchronous')")
+  if c.algorithm not in ALGORITHMS:
+    raise ConfigError(f'unknown algorithm {c.algorithm!r} (use one of {", ".join(ALGORITHMS)})')
+  if c.n_points < 0:
+    raise ConfigError(f'n_points must be >= 0 (0 = exact d_beta s*), got {c.n_points}')
+  if c.algorithm == 'hep' and c.n_points == 0:
+    c.algorithm = 'hep_exact'  # the authors' convention: N = 0 is the exact derivative
+  if c.algorithm == 'hep_continuous' and c.n_points < 2:
+    raise ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
+  if c.algorithm in ('hep', 'hep_continuous') and not c.beta > 0:
+    raise ConfigError(f'beta (the teaching amplitude |beta|) must be > 0, got {c.beta}')
+  if c.optimizer not in ('sgd', 'adam'):
+    raise ConfigError(f"unknown optimizer {c.optimizer!r} (use 'sgd' or 'adam')")
+  if not c.hidden_sizes or min(c.hidden_sizes) < 1:
+    raise ConfigError(f'hidden_sizes must be positive layer sizes, got {c.hidden_sizes}')
+  if len(c.hidden_sizes) < 2:
+    raise ConfigError('hidden_sizes needs >= 2 layers: with one, the feedback out -> 1 would be '
+                      f'the reciprocal of 1 -> out (got {c.hidden_sizes})')
+  for name in ('t_free', 't_nudge', 'batch_size', 'eval_batch_size', 'num_epochs',
+               'continuous_steps_per_point', 'continuous_periods', 'homeo_draws',
+               'diag_batch_size', 'diag_jacobian_samples'):
+    if c[name] < 1:
+      raise ConfigError(f'{name} must be >= 1, got {c[name]}')
+  if c.diag_jacobian_samples > c.diag_batch_size:
+    raise ConfigError('diag_jacobian_samples must be <= diag_batch_size')
+  if c.homeo_coef < 0:
+    raise ConfigError(f'homeo_coef must be >= 0, got {c.homeo_coef}')
+  num_devices = c.num_devices or num_local_devices
+  if num_devices > num_local_devices:
+    raise ConfigError(f'num_devices={num_devices} but only {num_local_devices} local devices')
+  for name in ('batch_size', 'eval_batch_size'):
+    if c[name] % num_devices:
+      raise ConfigError(f'{name}={c[name]} is not divisible by the {num_devices} devices')
+  return num_devices
+
+
+CHECKPOINT = 'checkpoint.pkl'
+
+
+def save_checkpoint(workdir, ckpt):
+  """Written to a temporary file, then renamed: a killed run never leaves half a checkpoint."""
+  tmp = os.path.join(workdir, CHECKPOINT + '.tmp')
+  with open(tmp, 'wb') as f:
+    pickle.dump(jax.device_get(ckpt), f)
+  os.replace(tmp, os.path.join(workdir, CHECKPOINT))
+
+
+def load_checkpoint(workdir):
+  path = os.path.join(workdir, CHECKPOINT)
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    return pickle.load(f)
+
+
+def prepare_workdir(workdir, config):
+  """Writes config.json; a workdir from an earlier run must hold the same config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  resolved = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(resolved)
+                     if k != 'num_epochs' and previous.get(k) != resolved.get(k))
+    if changed:
+      raise ConfigError(f'{workdir} holds a run with a different config ({", ".join(changed)}); '
+                        'use another --workdir')
+  with open(path, 'w') as f:
+    json.dump(resolved, f, indent=2)
+
+
+def read_metrics(workdir, last_epoch):
+  """Metrics lines of the epochs up to `last_epoch` (later ones were not checkpointed)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if r['epoch'] <= last_epoch]
+
+
+def write_metrics(workdir, rows):
+  tmp = os.path.join(workdir, 'metrics.jsonl.tmp')
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  os.replace(tmp, os.path.join(workdir, 'metrics.jsonl'))
+
+
+def replicate(tree, num_devices):
+  """A copy per device along a new leading axis, as jax.pmap expects."""
+  return jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(jnp.asarray(a), (num_devices, *np.shape(a))), tree)
+
+
+def to_python(tree):
+  """Device scalars and lists of them -> floats, for JSON."""
+  return jax.tree_util.tree_map(lambda v: float(v), jax.device_get(tree))
+
+
+# ======================================================================================
+# Main loop
+# ======================================================================================
+
+def train_and_evaluate(config, workdir):
+  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics."""
+  num_devices = resolve_config(config, jax.local_device_count())
+  data = load_data(config)  # fails with one line before anything is compiled
+  num_train = len(data['train'][0])
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} training images')
+  prepare_workdir(workdir, config)
+
+  optimizer = make_optimizer(config)
+  params = init_params(jax.random.PRNGKey(config.seed), config)
+  opt_state = optimizer.init(params)
+  start_epoch, history = 1, []
+  ckpt = load_checkpoint(workdir)
+  if ckpt is not None:
+    params, opt_state, start_epoch = ckpt['params'], ckpt['opt_state'], ckpt['epoch'] + 1
+    history = read_metrics(workdir, ckpt['epoch'])
+    logging.info('resuming from %s after epoch %d', workdir, ckpt['epoch'])
+  params, opt_state = replicate((params, opt_state), num_devices)
+
+  train_step = make_train_step(config, optimizer)
+  eval_step = make_eval_step(config)
+  diagnostics = make_diagnostics(config)
+  diag_x = data['train'][0][:config.diag_batch_size]
+  diag_y = data['train'][1][:config.diag_batch_size]
+  shard = lambda a: a.reshape(num_devices, -1, *a.shape[1:])
+  # XLA:CPU runs all its devices on one shared thread pool: a device that runs ahead into
+  # the next step's all-reduce can starve the others (a rendezvous deadlock on 2 cores).
+  lockstep = num_devices > 1 and jax.default_backend() == 'cpu'
+
+  for epoch in range(start_epoch, config.num_epochs + 1):
+    order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
+    sums, t0 = {}, time.time()
+    for i in range(steps_per_epoch):
+      idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+      step = (epoch - 1) * steps_per_epoch + i
+      params, opt_state, metrics = train_step(params, opt_state, step,
+                                              shard(data['train'][0][idx]),
+                                              shard(data['train'][1][idx]))
+      if lockstep:
+        jax.block_until_ready(params)
+      for k, v in metrics.items():
+        sums.setdefault(k, []).append(v)  # one value per device
+      if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
+        recent = {k: float(np.mean(jax.device_get(v[-config.log_every_steps:])))
+                  for k, v in sums.items()}
+        elapsed = time.time() - t0
+        logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.1f ms/step  eta %.0fs',
+                     epoch, i + 1, steps_per_epoch, recent['loss'], recent['accuracy'],
+                     1e3 * elapsed / (i + 1), elapsed / (i + 1) * (steps_per_epoch - i - 1))
+        if not np.isfinite(recent['loss']):
+          break
+    train = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}  # (steps, devices)
+    epoch_time = time.time() - t0
+
+    row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
+           'train_loss': float(train['loss'].mean()),
+           'train_accuracy': float(train['accuracy'].mean()),
+           'epoch_time_s': epoch_time}
+    if 'log10_residual' in train:
+      worst = train['log10_residual'].max(axis=1)  # worst sample of each step
+      row['log10_residual'] = float(worst.mean())
+      row['log10_residual_max'] = float(worst.max())
+    if 'homeo_loss' in train:
+      row['train_homeo_loss'] = float(train['homeo_loss'].mean())
+    host_params = jax.tree_util.tree_map(lambda a: a[0], params)
+    finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(
+        jax.device_get(host_params)))
+    if not (finite_params and np.all(np.isfinite(train['loss']))):
+      row['diverged'] = True
+      write_metrics(workdir, history + [row])
+      raise FloatingPointError(
+          f'training diverged in epoch {epoch} (non-finite loss or parameters); the '
+          f'checkpoint still holds epoch {epoch - 1}. Lower the learning rate or check that '
+          'the dynamics converge.')
+    row['test_error'] = evaluate(eval_step, params, data['test'], config, num_devices)
+    row.update({'diag/' + k: v for k, v in to_python(diagnostics(host_params, diag_x,
+                                                                 diag_y)).items()})
+    row['diag/weight_angle'] = None  # undefined: no weight has a transposed partner here
+    if row.get('log10_residual', row['diag/log10_residual']) > config.max_log10_residual:
+      logging.warning('epoch %d: no fixed point reached (log10 ||F|| = %.2f > %.1f); '
+                      'raise t_free or check the dynamics', epoch,
+                      row.get('log10_residual', row['diag/log10_residual']),
+                      config.max_log10_residual)
+      row['converged'] = False
+    history.append(row)
+    write_metrics(workdir, history)
+    save_checkpoint(workdir, {'epoch': epoch, 'params': host_params,
+                              'opt_state': jax.tree_util.tree_map(lambda a: a[0], opt_state)})
+    logging.info(
+        'epoch %d  train loss %.4f  acc %.2f%%  test error %.2f%%  symmetry %.3f  '
+        'cos %s  angle n/a  log10|F| %.1f  %.1fs', epoch, row['train_loss'],
+        100 * row['train_accuracy'], row['test_error'], row['diag/symmetry'],
+        ' '.join(f'{c:.2f}' for c in row['diag/cosine_exact']),
+        row.get('log10_residual', row['diag/log10_residual']), epoch_time)
+  return history
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if not _WORKDIR.value:
+    sys.exit('fmnist_feedback.py: error: --workdir is required')
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, FloatingPointError) as e:
+    sys.exit(f'fmnist_feedback.py: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
