@@ -35,11 +35,6 @@ import optax
 
 import common
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist_mlp.py',
-                                          'Experiment configuration.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and '
-                               'checkpoint; rerunning with the same workdir resumes.')
-
 ALGORITHMS = ('hep', 'hep_exact', 'hep_continuous', 'rbp', 'bptt')
 NUM_CLASSES = 10
 
@@ -680,13 +675,19 @@ def train_and_evaluate(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     sys.exit('fmnist_mlp.py: error: --workdir is required')
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ConfigError, FloatingPointError) as e:
     sys.exit(f'fmnist_mlp.py: error: {e}')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so that other scripts and tests can import this module
+  # (absl refuses a second definition of --config in one process).
+  config_flags.DEFINE_config_file('config', 'configs/fmnist_mlp.py',
+                                  'Experiment configuration.')
+  flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and checkpoint; '
+                      'rerunning with the same workdir resumes.')
   app.run(main)
