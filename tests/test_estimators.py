@@ -311,3 +311,19 @@ def test_homeostatic_gradient_descent_lowers_the_asymmetry():
     params = jax.tree_util.tree_map(lambda p, g: p - 2.0 * g, params, grads)
   after = _exact_homeo(config, params, x, labels, free_fixed_point(config, params, x))
   assert after < 0.5 * before, (before, after)
+
+
+def test_mlp_jacobian_is_the_weights_so_homeostasis_is_weight_alignment():
+  """G is affine in s: K = dG/ds is the block matrix of the weights, the same at every state,
+  and the exact homeostatic loss 2||A||^2/n is sum_l ||B_l - W_{l+1}^T||_F^2 / n."""
+  config, params, x, labels = tiny_mlp(alpha=50.0)
+  u_free = free_fixed_point(config, params, x)
+  k0, d0, _ = dense(config, params, x, labels, u_free, 0)
+  k1, d1, _ = dense(config, params, x, labels, u_free, 1)  # another image, another state
+  assert np.abs(d0 - d1).max() > 1e-2
+  np.testing.assert_allclose(k0, k1, atol=1e-14)
+  alignment = sum(float(jnp.sum((b['w'] - params['forward'][l + 1]['w'].T) ** 2))
+                  for l, b in enumerate(params['backward']))
+  n = len(k0)
+  assert common.homeostatic_loss_exact(k0 - jnp.eye(n)) == pytest.approx(alignment / n,
+                                                                          rel=1e-12)
