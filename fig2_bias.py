@@ -1,0 +1,665 @@
+r"""Fig. 2: the two biases of generalized EP, separated (Laborieux & Zenke, 2023, Section 3).
+
+    python fig2_bias.py --config=configs/fig2_bias.py --workdir=results/fig2
+    python fig2_bias.py --workdir=runs/fig2 --config.checkpoint_dir=runs/mlp  # + a trained net
+
+Generalized hEP estimates d_beta s*, the derivative of the activated fixed point with respect
+to the teaching amplitude, and uses it where the true gradient uses RBP's delta (Eq. 4). Two
+things separate the estimate from delta:
+
+* the finite nudge: the N-point Cauchy estimate (Eq. 7, App. D.1) misses d_beta s* by
+  O(|beta|^N), classic EP (N = 1) by O(|beta|); this bias vanishes as |beta| -> 0 or N grows;
+* the asymmetry of K = dG/ds: even the exact d_beta s* differs from delta,
+  d_beta s* = (I - DK)^{-1} (I - DK^T) delta (Eq. 10), -2 S^{-1} A delta to first order
+  (Eq. 11); this bias does not depend on beta or N at all.
+
+On one batch of Fashion-MNIST images and the MLP of fmnist_mlp.py (imported, not copied):
+
+  a-b  per-sample cosine(delta, estimate) over the whole state against |beta|, for N = 1, 2,
+       4, 6 and for the exact d_beta s*, with tied weights (alpha = 0) and independent ones
+       (alpha = 90 degrees): median over the batch, band = interquartile range;
+  c-d  distribution over samples of the per-layer cosine(delta, exact d_beta s*) for several
+       angles alpha (c) and numbers of hidden layers (d), as ridgelines of a Gaussian KDE;
+  e-f  continuous-time hEP (Eqs. 8-9, App. C.1): from zeros, under the rotating beta(t),
+       traces of one neuron per layer, and the running averages that estimate s*_0 (Eq. 9)
+       and d_beta s* (Eq. 8), converging over the periods.
+
+Networks are at initialisation (fmnist_mlp.init_params, seed `seed`, backward weights at
+angle alpha from the transposed forward ones; the same seed gives the same forward weights
+at every angle), plus the checkpoint of a training run when `checkpoint_dir` is set. The
+workdir receives config.json, fig2.json (summary numbers and how they were obtained),
+sweep.csv, cosines.csv, continuous.csv and the PNG panels.
+
+Precision: float64 by default (`x64`); see configs/fig2_bias.py.
+"""
+import csv
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+import common
+import fmnist_mlp
+from configs import fmnist_mlp as mlp_config
+
+FLAGS = flags.FLAGS
+ConfigError = fmnist_mlp.ConfigError
+tree_map = jax.tree_util.tree_map
+
+
+# ======================================================================================
+# Config checks (one-line errors before any compute)
+# ======================================================================================
+
+def check_config(config):
+  """Raises ConfigError on bad input; returns the trained parameters of checkpoint_dir."""
+  c = config
+  if 'sweep_betas' not in c:
+    raise ConfigError('this is not a fig2_bias config; use --config=configs/fig2_bias.py')
+  if c.data_source not in ('auto', 'idx', 'tfds'):
+    raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
+  if c.layer_updates not in ('alternating', 'synchronous'):
+    raise ConfigError(f"unknown layer_updates {c.layer_updates!r} (use 'alternating' or "
+                      "'synchronous')")
+  for name in ('batch_size', 't_free', 't_nudge', 'dist_width', 'continuous_steps_per_point',
+               'continuous_periods'):
+    if c[name] < 1:
+      raise ConfigError(f'{name} must be >= 1, got {c[name]}')
+  if not c.hidden_sizes or min(c.hidden_sizes) < 1:
+    raise ConfigError(f'hidden_sizes must be positive layer sizes, got {c.hidden_sizes}')
+  if not c.sweep_betas or min(c.sweep_betas) <= 0:
+    raise ConfigError(f'sweep_betas must be teaching amplitudes |beta| > 0, got {c.sweep_betas}')
+  if not c.sweep_n_points or min(c.sweep_n_points) < 1:
+    raise ConfigError(f'sweep_n_points must be >= 1 (1 = classic EP), got {c.sweep_n_points}')
+  if not c.dist_depths or min(c.dist_depths) < 1:
+    raise ConfigError(f'dist_depths must be numbers of hidden layers >= 1, got {c.dist_depths}')
+  if not c.dist_alphas or not c.sweep_alphas:
+    raise ConfigError('dist_alphas and sweep_alphas need at least one angle each')
+  if c.dist_depth_panel_alpha not in c.dist_alphas:
+    raise ConfigError(f'dist_depth_panel_alpha={c.dist_depth_panel_alpha} must be one of '
+                      f'dist_alphas {tuple(c.dist_alphas)}')
+  if c.continuous_n_points < 2:
+    raise ConfigError(f'continuous_n_points must be >= 2, got {c.continuous_n_points}')
+  if not c.continuous_beta > 0:
+    raise ConfigError(f'continuous_beta (|beta|) must be > 0, got {c.continuous_beta}')
+  if not 0 <= c.trace_sample < c.batch_size:
+    raise ConfigError(f'trace_sample must be in [0, batch_size), got {c.trace_sample}')
+  if c.max_residual < 0:
+    raise ConfigError(f'max_residual must be >= 0 (0 = automatic), got {c.max_residual}')
+  if c.figures:
+    try:
+      import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ConfigError('the figures need matplotlib (pip install matplotlib), or run with '
+                        '--config.figures=False') from e
+  return load_trained(c.checkpoint_dir) if c.checkpoint_dir else None
+
+
+def load_trained(workdir):
+  """Parameters of a fmnist_mlp.py run's checkpoint, checked to be the MLP's."""
+  try:
+    ckpt = fmnist_mlp.load_checkpoint(workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'cannot read {workdir}/checkpoint.pkl ({type(e).__name__})') from e
+  if ckpt is None:
+    raise ConfigError(f'no checkpoint.pkl in checkpoint_dir {workdir}')
+  params = ckpt.get('params') if isinstance(ckpt, dict) else None
+  try:
+    hidden = tuple(int(f['w'].shape[1]) for f in params['forward'][:-1])
+    net = mlp_config.get_config()
+    net.hidden_sizes = hidden
+    expected = fmnist_mlp.init_params(jax.random.PRNGKey(0), net)
+    ok = jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected) and all(
+        np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                   jax.tree_util.tree_leaves(expected)))
+  except (KeyError, TypeError, IndexError, AttributeError):
+    ok = False
+  if not ok:
+    raise ConfigError(f'{workdir}/checkpoint.pkl does not hold fmnist_mlp.py MLP parameters')
+  return {'params': params, 'epoch': ckpt.get('epoch'), 'hidden_sizes': hidden}
+
+
+# ======================================================================================
+# Networks, data and the two error vectors at the free fixed point
+# ======================================================================================
+
+def network_config(config, hidden_sizes, alpha=0.0):
+  """The fmnist_mlp config of one network, with this analysis's dynamics settings."""
+  net = mlp_config.get_config()
+  net.update(dict(hidden_sizes=tuple(int(h) for h in hidden_sizes), alpha=float(alpha),
+                  layer_updates=config.layer_updates, t_free=config.t_free,
+                  t_nudge=config.t_nudge, tol=0.0))
+  return net
+
+
+def init_network(config, hidden_sizes, alpha):
+  net = network_config(config, hidden_sizes, alpha)
+  return net, fmnist_mlp.init_params(jax.random.PRNGKey(config.seed), net)
+
+
+def load_batch(config, dtype):
+  """`batch_size` training images drawn with the seed: x in [0, 1] and the labels."""
+  images, labels = fmnist_mlp.load_data(config)['train']
+  if config.batch_size > len(images):
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the {len(images)} training images')
+  idx = np.sort(np.random.default_rng(config.seed).choice(len(images), config.batch_size,
+                                                          replace=False))
+  return jnp.asarray(images[idx], dtype) / 255.0, jnp.asarray(labels[idx]), idx
+
+
+def max_residual(config):
+  if config.max_residual:
+    return config.max_residual
+  return 1e-8 if config.x64 else 1e-4
+
+
+def fixed_point_errors(net, params, x, labels):
+  """At the free fixed point: u*, each sample's last-update norm, exact d_beta s*, delta.
+
+  The per-sample residual is ||step(u*) - u*|| for one more free step; exact d_beta s* is
+  forward-mode autodiff through the nudged relaxation (common.exact_dbeta), delta the RBP
+  adjoint fixed point (fmnist_mlp.rbp_error).
+  """
+  x_drive = fmnist_mlp.input_drive(params, x)
+  u_free, _ = fmnist_mlp.free_relaxation(net, params, x_drive)
+  step = fmnist_mlp.make_step(net, params, x_drive)
+  residual = jnp.sqrt(common.per_sample_sq_norm(common.tree_sub(step(u_free), u_free)))
+  relax = fmnist_mlp.nudged_relaxation(net, params, x_drive, labels, u_free)
+  return {'u_free': u_free, 'residual': residual, 'exact': common.exact_dbeta(relax),
+          'delta': fmnist_mlp.rbp_error(net, params, x_drive, labels, u_free)}
+
+
+def dynamics_key(net):
+  """What the compiled functions depend on (not alpha: it only enters the parameters)."""
+  return (tuple(net.hidden_sizes), net.layer_updates, net.t_free, net.t_nudge)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_errors(key):
+  net = network_config_from_key(key)
+  return jax.jit(functools.partial(fixed_point_errors, net))
+
+
+def network_config_from_key(key):
+  hidden, layer_updates, t_free, t_nudge = key
+  net = mlp_config.get_config()
+  net.update(dict(hidden_sizes=hidden, layer_updates=layer_updates, t_free=t_free,
+                  t_nudge=t_nudge, tol=0.0))
+  return net
+
+
+def cosine(a, b):
+  """Per-sample cosine, without common.per_sample_cosine's absolute guard eps (1e-12 on
+  |a|^2 |b|^2): the error vectors of lower layers can be small enough for it to bias the
+  cosine by ~1e-6 (the tiny test network's are). The vectors here are never zero."""
+  return common.per_sample_cosine(a, b, eps=0.0)
+
+
+def layer_cosines(a, b):
+  """(batch, L + 1): per-sample cosine of each layer's vectors, then of the whole state."""
+  columns = [cosine((x,), (y,)) for x, y in zip(a, b)]
+  return jnp.stack(columns + [cosine(a, b)], axis=1)
+
+
+def layer_names(num_layers):
+  return [f'h{l + 1}' for l in range(num_layers - 1)] + ['out', 'all']
+
+
+# ======================================================================================
+# Fig. 2a-b: the finite-nudge bias against |beta|
+# ======================================================================================
+
+def cauchy_estimate(net, n_points, params, x, labels, u_free, beta_abs):
+  """The N-point Cauchy estimate of d_beta s* at |beta|, nudged from the free fixed point."""
+  x_drive = fmnist_mlp.input_drive(params, x)
+  relax = fmnist_mlp.nudged_relaxation(net, params, x_drive, labels, u_free)
+  return common.cauchy_estimate(relax, fmnist_mlp.activate(u_free), beta_abs, n_points)
+
+
+def estimate_cosines(net, n_points, params, x, labels, u_free, delta, beta_abs):
+  """layer_cosines(estimate, delta) for the N-point Cauchy estimate at |beta|."""
+  return layer_cosines(cauchy_estimate(net, n_points, params, x, labels, u_free, beta_abs),
+                       delta)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_estimate(key, n_points):
+  return jax.jit(functools.partial(estimate_cosines, network_config_from_key(key), n_points))
+
+
+def sweep(net, params, x, labels, betas, n_points_list):
+  """Cosines with delta: estimates (len(N), len(betas), batch, L+1), exact (batch, L+1).
+
+  Also returns the per-sample free-phase residual. |beta| is traced, so each N compiles once.
+  """
+  key = dynamics_key(net)
+  base = _compiled_errors(key)(params, x, labels)
+  estimates = np.stack([
+      np.stack([np.asarray(_compiled_estimate(key, n)(params, x, labels, base['u_free'],
+                                                      base['delta'], beta))
+                for beta in betas])
+      for n in n_points_list])
+  exact = np.asarray(layer_cosines(base['exact'], base['delta']))
+  return {'estimates': estimates, 'exact': exact, 'residual': np.asarray(base['residual'])}
+
+
+# ======================================================================================
+# Fig. 2c-d: the asymmetry bias, distribution over samples
+# ======================================================================================
+
+def distributions(config, x, labels):
+  """{(depth, alpha): (per-sample per-layer cosine(delta, exact) (batch, L+1), residual)}."""
+  out = {}
+  for depth in config.dist_depths:
+    for alpha in config.dist_alphas:
+      net, params = init_network(config, (config.dist_width,) * depth, alpha)
+      base = _compiled_errors(dynamics_key(net))(params, x, labels)
+      out[(depth, float(alpha))] = (np.asarray(layer_cosines(base['exact'], base['delta'])),
+                                    np.asarray(base['residual']))
+      logging.info('depth %d  alpha %.0f: median cosines %s', depth, alpha,
+                   np.round(np.median(out[(depth, float(alpha))][0], axis=0), 3))
+  return out
+
+
+# ======================================================================================
+# Fig. 2e-f: continuous-time hEP, traced
+# ======================================================================================
+
+def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_point,
+                          periods, s_free, exact, weights, trace_sample, trace_units):
+  """Continuous-time hEP from zeros (Eqs. 8-9), with its history.
+
+  The loop is common.continuous_time_estimate's (beta(t) held `steps_per_point` steps at
+  each of the N points |beta| e^{2 i pi k / N}, running averages from t = 0), written as a
+  lax.scan so that every step is recorded: Re s(t) of the traced units of sample
+  `trace_sample`, the running estimates s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units,
+  and over the batch (samples weighted by `weights`, 0 = left out) the relative errors
+  ||s_bar - s*_0|| / ||s*_0|| and ||e_bar - d_beta s*|| / ||d_beta s*|| and the mean
+  per-sample cosine(e_bar, d_beta s*). `steps_per_point` counts make_step updates.
+
+  Returns (history dict of arrays over time, final s_bar, final e_bar).
+  """
+  x_drive = fmnist_mlp.input_drive(params, x)
+  step = fmnist_mlp.make_step(net, params, x_drive, labels)
+  phases = np.exp(2j * np.pi * np.arange(n_points) / n_points)
+  if n_points == 2:
+    phases = phases.real
+  betas, conj_phases = jnp.asarray(beta_abs * phases), jnp.asarray(np.conj(phases))
+  total = n_points * steps_per_point * periods
+  u0 = tree_map(lambda a: a.astype(betas.dtype),
+                fmnist_mlp.zeros_state(net, x.shape[0]))
+  zeros = tree_map(jnp.zeros_like, fmnist_mlp.activate(u0))
+  pick = lambda tree: jnp.stack([tree[l][trace_sample, i] for l, i in trace_units])
+  w = weights / jnp.sum(weights)
+
+  def rel_error(a, b):
+    num = jnp.sum(weights * common.per_sample_sq_norm(common.tree_sub(a, b)))
+    return jnp.sqrt(num / jnp.sum(weights * common.per_sample_sq_norm(b)))
+
+  def body(carry, t):
+    u, s_sum, e_sum = carry
+    k = (t // steps_per_point) % n_points
+    u = step(u, betas[k])
+    s = fmnist_mlp.activate(u)
+    s_sum = common.tree_add(s_sum, s)
+    e_sum = tree_map(lambda a, v: a + v * conj_phases[k], e_sum, s)
+    s_bar = tree_map(lambda a: (a / (t + 1)).real, s_sum)
+    e_bar = tree_map(lambda a: (a / ((t + 1) * beta_abs)).real, e_sum)
+    record = {'beta_re': jnp.real(betas[k]), 'beta_im': jnp.imag(betas[k]),
+              's': pick(tree_map(jnp.real, s)), 's_bar': pick(s_bar), 'e_bar': pick(e_bar),
+              's_error': rel_error(s_bar, s_free), 'e_error': rel_error(e_bar, exact),
+              'e_cosine': jnp.sum(w * cosine(e_bar, exact))}
+    return (u, s_sum, e_sum), record
+
+  (_, s_sum, e_sum), history = jax.lax.scan(body, (u0, zeros, zeros), jnp.arange(total))
+  s_bar = tree_map(lambda a: (a / total).real, s_sum)
+  e_bar = tree_map(lambda a: (a / (total * beta_abs)).real, e_sum)
+  return history, s_bar, e_bar
+
+
+def continuous_analysis(config, x, labels):
+  """Fig. 2e-f on the network of angle continuous_alpha."""
+  net, params = init_network(config, config.hidden_sizes, config.continuous_alpha)
+  base = _compiled_errors(dynamics_key(net))(params, x, labels)
+  s_free, exact = fmnist_mlp.activate(base['u_free']), base['exact']
+  weights = (np.asarray(base['residual']) <= max_residual(config)).astype(x.dtype)
+  # One unit per layer: the one whose exact d_beta s* is largest for the traced sample.
+  trace_units = tuple((l, int(jnp.argmax(jnp.abs(e[config.trace_sample]))))
+                      for l, e in enumerate(exact))
+  per_point = fmnist_mlp.steps_for(net, config.continuous_steps_per_point)
+  n, beta = config.continuous_n_points, config.continuous_beta
+  run = jax.jit(lambda p, x, y, s0, e, w: continuous_trajectory(
+      net, p, x, y, beta, n, per_point, config.continuous_periods, s0, e, w,
+      config.trace_sample, trace_units)[0])
+  history = jax.device_get(run(params, x, labels, s_free, exact, jnp.asarray(weights)))
+  # The limit of the running average for an equilibrated system: the N-point Cauchy
+  # estimate at the same |beta| (its own O(|beta|^N) bias), from the free fixed point.
+  cauchy = jax.jit(functools.partial(cauchy_estimate, net, n))(params, x, labels,
+                                                               base['u_free'], beta)
+  keep = weights > 0
+  cauchy_error = float(np.sqrt(
+      np.sum(np.asarray(common.per_sample_sq_norm(common.tree_sub(cauchy, exact)))[keep]) /
+      np.sum(np.asarray(common.per_sample_sq_norm(exact))[keep])))
+  pick = lambda tree: np.array([float(tree[l][config.trace_sample, i]) for l, i in trace_units])
+  return {'history': {k: np.asarray(v) for k, v in history.items()},
+          'trace_units': trace_units, 'steps_per_point': per_point,
+          'num_layers': len(exact), 's_free_units': pick(s_free), 'exact_units': pick(exact),
+          'cauchy_error': cauchy_error, 'excluded': int((~keep).sum())}
+
+
+# ======================================================================================
+# Outputs: JSON, CSV, figures
+# ======================================================================================
+
+def summarize(cosines, keep):
+  """Median, quartiles and mean over the kept samples of a (batch, L+1) array, per column."""
+  c = cosines[keep]
+  return {'median': np.median(c, 0).tolist(), 'q25': np.percentile(c, 25, 0).tolist(),
+          'q75': np.percentile(c, 75, 0).tolist(), 'mean': c.mean(0).tolist()}
+
+
+def write_csv(path, header, rows):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def kde(values, grid):
+  """Gaussian kernel density, Scott's bandwidth floored at 0.005 (a spike stays a spike)."""
+  values = np.asarray(values, np.float64)
+  bw = max(1.06 * values.std() * len(values) ** -0.2, 0.005)
+  z = (grid[:, None] - values[None, :]) / bw
+  return np.exp(-0.5 * z ** 2).sum(1) / (len(values) * bw * np.sqrt(2 * np.pi))
+
+
+LAYER_COLORS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e')
+
+
+def ridgelines(ax, rows, title, legend_names):
+  """One ridge per row (label, [per-layer cosine arrays]); each KDE scaled to its peak."""
+  grid = np.linspace(-1.0, 1.0, 801)
+  for r, (label, columns) in enumerate(rows):
+    base = len(rows) - 1 - r
+    for l, values in enumerate(columns):
+      d = kde(values, grid)
+      ax.fill_between(grid, base, base + 0.85 * d / d.max(), color=LAYER_COLORS[l], alpha=0.35,
+                      lw=0)
+      ax.plot(grid, base + 0.85 * d / d.max(), color=LAYER_COLORS[l], lw=1.2,
+              label=legend_names[l] if r == 0 else None)
+    ax.axhline(base, color='0.8', lw=0.6)
+  ax.set_yticks(np.arange(len(rows))[::-1] + 0.3)
+  ax.set_yticklabels([label for label, _ in rows])
+  ax.set_xlim(-1.0, 1.05)
+  ax.set_xlabel(r'cosine($\delta$, exact $d_\beta s^*$) per sample')
+  ax.set_title(title, loc='left', fontsize=10)
+  ax.legend(fontsize=8, loc='upper left', frameon=False)
+
+
+def plot_sweep(path, states, betas, n_points_list):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  colors = {1: '0.55', 2: '#c51b8a', 3: '#ae017e', 4: '#7a0177', 5: '#49006a', 6: '#f768a1'}
+  fig, axes = plt.subplots(1, len(states), figsize=(4.2 * len(states), 3.6), squeeze=False)
+  for ax, (panel, state) in zip(axes[0], zip('abcdefgh', states)):
+    keep = state['keep']
+    for i, n in enumerate(n_points_list):
+      c = state['sweep']['estimates'][i][:, keep, -1]
+      color = colors.get(n, None)
+      ax.plot(betas, np.median(c, 1), 'o-', ms=3, color=color,
+              label='classic EP (N=1)' if n == 1 else f'hEP N={n}')
+      ax.fill_between(betas, np.percentile(c, 25, 1), np.percentile(c, 75, 1), color=color,
+                      alpha=0.15, lw=0)
+    exact = np.median(state['sweep']['exact'][keep, -1])
+    ax.axhline(exact, color='k', ls='--', lw=1, label=r'exact $d_\beta s^*$')
+    ax.set_xscale('log')
+    ax.set_xlabel(r'teaching amplitude $|\beta|$')
+    ax.set_title(f"{panel}  {state['title']}", loc='left', fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(r'cosine($\delta$, estimate), whole state')
+  axes[0][0].legend(fontsize=8, loc='lower left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_distributions(path, config, dist, trained):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  threshold = max_residual(config)
+  kept = lambda c, r: [c[r <= threshold, l] for l in range(c.shape[1] - 1)]
+  depth_c = len(config.hidden_sizes) if len(config.hidden_sizes) in config.dist_depths \
+      else config.dist_depths[-1]
+  panels = [
+      ('c', f'{depth_c} hidden layer(s) of {config.dist_width}, angle alpha',
+       [(f'{alpha:.0f}°', kept(*dist[(depth_c, float(alpha))])) for alpha in config.dist_alphas],
+       depth_c + 1),
+      ('d', f'alpha = {config.dist_depth_panel_alpha:.0f}°, depth',
+       [(f'{d} hidden', kept(*dist[(d, float(config.dist_depth_panel_alpha))]))
+        for d in config.dist_depths], max(config.dist_depths) + 1)]
+  if trained is not None:
+    panels.append(('', f"trained (epoch {trained['epoch']})",
+                   [('trained', kept(trained['cosines'], trained['residual']))],
+                   len(trained['hidden_sizes']) + 1))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+  for ax, (letter, title, rows, num_layers) in zip(axes[0], panels):
+    names = layer_names(num_layers)[:-1]
+    ridgelines(ax, rows, f'{letter}  {title}'.strip(), names)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_continuous(path, config, cont):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  h = cont['history']
+  period = config.continuous_n_points * cont['steps_per_point']
+  t = (np.arange(len(h['s_error'])) + 1) / period
+  names = layer_names(cont['num_layers'])
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  ax = axes[0]
+  for j, (l, i) in enumerate(cont['trace_units']):
+    color = LAYER_COLORS[l]
+    ax.plot(t, h['s'][:, j], color=color, lw=0.6, alpha=0.6)
+    ax.plot(t, h['s_bar'][:, j], color=color, lw=2, label=f'{names[l]} unit {i}')
+    ax.axhline(cont['s_free_units'][j], color=color, ls='--', lw=1)
+  ax.set_xlabel('time (periods of the teaching signal)')
+  ax.set_ylabel(r'Re $s(t)$ (thin), running mean (thick)')
+  ax.set_title(r'e  free fixed point $s^*_0$ (dashed) from the running mean, Eq. 9',
+               loc='left', fontsize=9)
+  ax.legend(fontsize=8, loc='best')
+  ax = axes[1]
+  for j, (l, i) in enumerate(cont['trace_units']):
+    color = LAYER_COLORS[l]
+    scale = abs(cont['exact_units'][j])
+    ax.plot(t, h['e_bar'][:, j] / scale, color=color, lw=1.5,
+            label=fr'{names[l]} unit {i} ($|d_\beta s^*|$ = {scale:.2g})')
+    ax.axhline(np.sign(cont['exact_units'][j]), color=color, ls='--', lw=1)
+  ax.set_ylim(-3, 3)
+  ax.set_xlabel('time (periods of the teaching signal)')
+  ax.set_ylabel(r'running estimate / $|d_\beta s^*|$')
+  ax.set_title(r'f  running estimate of $d_\beta s^*$ (Eq. 8), exact dashed',
+               loc='left', fontsize=9)
+  ax.legend(fontsize=8, loc='lower right')
+  ax = axes[2]
+  ax.plot(t, h['s_error'], color='#1f78b4', label=r'$\|\bar s - s^*_0\| / \|s^*_0\|$')
+  ax.plot(t, h['e_error'], color='#e31a1c',
+          label=r'$\|\bar e - d_\beta s^*\| / \|d_\beta s^*\|$')
+  ax.plot(t, 1 - h['e_cosine'], color='#e31a1c', ls=':',
+          label=r'1 - cosine($\bar e$, $d_\beta s^*$)')
+  ax.axhline(cont['cauchy_error'], color='k', ls='--', lw=1,
+             label=f'{config.continuous_n_points}-point Cauchy estimate (its bias)')
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('time (periods)')
+  ax.set_title('convergence over the batch', loc='left', fontsize=9)
+  ax.legend(fontsize=7, loc='lower left')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+def run(config, workdir):
+  """The whole analysis; returns the summary written to fig2.json."""
+  t0, c0 = time.time(), time.process_time()
+  trained = check_config(config)  # one-line ConfigError before any compute
+  jax.config.update('jax_enable_x64', bool(config.x64))
+  dtype = jnp.float64 if config.x64 else jnp.float32
+  x, labels, idx = load_batch(config, dtype)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2))
+  threshold = max_residual(config)
+  betas = [float(b) for b in config.sweep_betas]
+  n_points_list = [int(n) for n in config.sweep_n_points]
+  cast = lambda p: tree_map(lambda a: jnp.asarray(a, dtype), p)
+
+  # Fig. 2a-b.
+  states = []
+  for alpha in config.sweep_alphas:
+    net, params = init_network(config, config.hidden_sizes, alpha)
+    title = ('tied weights, alpha = 0°' if alpha == 0 else f'alpha = {alpha:.0f}°') + \
+        ' (initialisation)'
+    states.append({'name': f'alpha{alpha:g}', 'title': title, 'net': net, 'params': params})
+  if trained is not None:
+    net = network_config(config, trained['hidden_sizes'])
+    states.append({'name': 'trained', 'title': f"trained, epoch {trained['epoch']}",
+                   'net': net, 'params': cast(trained['params'])})
+  for state in states:
+    state['sweep'] = sweep(state['net'], state['params'], x, labels, betas, n_points_list)
+    state['keep'] = state['sweep']['residual'] <= threshold
+    logging.info('%s: exact median cosine %.4f, %d samples left out', state['name'],
+                 np.median(state['sweep']['exact'][state['keep'], -1]),
+                 int((~state['keep']).sum()))
+
+  # Fig. 2c-d.
+  dist = distributions(config, x, labels)
+  if trained is not None:
+    trained.update(cosines=states[-1]['sweep']['exact'], residual=states[-1]['sweep']['residual'])
+
+  # Fig. 2e-f.
+  cont = continuous_analysis(config, x, labels)
+
+  # Numbers.
+  summary = {
+      'how': {'command': ' '.join(['python', os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+              'seed': config.seed, 'batch_size': config.batch_size,
+              'train_indices_first': idx[:8].tolist(),
+              'dtype': 'float64' if config.x64 else 'float32',
+              'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores '
+                         f'({jax.devices()[0].platform}), {platform.platform()}',
+              'jax': jax.__version__, 'wall_s': None, 'cpu_s': None,
+              'max_residual': threshold},
+      'cosine': 'per-sample cosine similarity; columns are the layers (h1.., out) and the '
+                'whole state (all); statistics over the samples whose free phase converged',
+      'sweep': {}, 'distributions': {}, 'continuous': {}}
+  sweep_rows, cosine_rows = [], []
+  for state in states:
+    s, keep = state['sweep'], state['keep']
+    names = layer_names(len(state['net'].hidden_sizes) + 1)
+    entry = {'layers': names, 'betas': betas, 'n_points': n_points_list,
+             'samples_left_out': int((~keep).sum()), 'exact': summarize(s['exact'], keep),
+             'estimates': {str(n): [summarize(s['estimates'][i, b], keep)
+                                    for b in range(len(betas))]
+                           for i, n in enumerate(n_points_list)}}
+    summary['sweep'][state['name']] = entry
+    for i, n in enumerate([*n_points_list, 0]):
+      for b, beta in enumerate(betas if n else [0.0]):
+        stats = summarize(s['estimates'][i, b] if n else s['exact'], keep)
+        for l, name in enumerate(names):
+          sweep_rows.append([state['name'], n, beta, name, stats['median'][l], stats['q25'][l],
+                             stats['q75'][l], stats['mean'][l], int(keep.sum())])
+  for (depth, alpha), (cos, residual) in dist.items():
+    keep = residual <= threshold
+    names = layer_names(depth + 1)
+    summary['distributions'][f'depth{depth}_alpha{alpha:g}'] = dict(
+        depth=depth, alpha=alpha, layers=names, samples_left_out=int((~keep).sum()),
+        **summarize(cos, keep))
+    for i in range(len(cos)):
+      for l, name in enumerate(names):
+        cosine_rows.append([f'depth{depth}_alpha{alpha:g}', depth, alpha, i, name, cos[i, l],
+                            bool(keep[i])])
+  if trained is not None:
+    for i in range(len(trained['cosines'])):
+      for l, name in enumerate(layer_names(len(trained['hidden_sizes']) + 1)):
+        cosine_rows.append(['trained', len(trained['hidden_sizes']), '', i, name,
+                            trained['cosines'][i, l],
+                            bool(trained['residual'][i] <= threshold)])
+  h = cont['history']
+  period = config.continuous_n_points * cont['steps_per_point']
+  ends = np.arange(1, config.continuous_periods + 1) * period - 1
+  summary['continuous'] = {
+      'alpha': config.continuous_alpha, 'beta': config.continuous_beta,
+      'n_points': config.continuous_n_points, 'updates_per_point': cont['steps_per_point'],
+      'periods': config.continuous_periods, 'samples_left_out': cont['excluded'],
+      'traced_units': [[names_l, i] for names_l, i in cont['trace_units']],
+      'end_of_period': {'s_error': h['s_error'][ends].tolist(),
+                        'e_error': h['e_error'][ends].tolist(),
+                        'e_cosine': h['e_cosine'][ends].tolist()},
+      'cauchy_estimate_error': cont['cauchy_error']}
+  units = [f'{layer_names(cont["num_layers"])[l]}_{i}' for l, i in cont['trace_units']]
+  write_csv(os.path.join(workdir, 'sweep.csv'),
+            ['state', 'n_points', 'beta', 'layer', 'median', 'q25', 'q75', 'mean', 'samples'],
+            sweep_rows)
+  write_csv(os.path.join(workdir, 'cosines.csv'),
+            ['network', 'depth', 'alpha', 'sample', 'layer', 'cosine', 'converged'],
+            cosine_rows)
+  write_csv(os.path.join(workdir, 'continuous.csv'),
+            ['update', 'period', 'beta_re', 'beta_im', 's_error', 'e_error', 'e_cosine',
+             *[f's_{u}' for u in units], *[f's_bar_{u}' for u in units],
+             *[f'e_bar_{u}' for u in units]],
+            [[t + 1, (t + 1) / period, h['beta_re'][t], h['beta_im'][t], h['s_error'][t],
+              h['e_error'][t], h['e_cosine'][t], *h['s'][t], *h['s_bar'][t], *h['e_bar'][t]]
+             for t in range(len(h['s_error']))])
+
+  if config.figures:
+    plot_sweep(os.path.join(workdir, 'fig2ab_sweep.png'), states, betas, n_points_list)
+    plot_distributions(os.path.join(workdir, 'fig2cd_distributions.png'), config, dist,
+                       trained)
+    plot_continuous(os.path.join(workdir, 'fig2ef_continuous.png'), config, cont)
+  summary['how']['wall_s'] = round(time.time() - t0, 1)
+  summary['how']['cpu_s'] = round(time.process_time() - c0, 1)
+  with open(os.path.join(workdir, 'fig2.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if not FLAGS.workdir:
+    sys.exit('fig2_bias.py: error: --workdir is required')
+  try:
+    summary = run(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:
+    sys.exit(f'fig2_bias.py: error: {e}')
+  for name, entry in summary['sweep'].items():
+    logging.info('%s: median whole-state cosine of the exact d_beta s* with delta: %.4f',
+                 name, entry['exact']['median'][-1])
+  logging.info('outputs in %s (%.0f s)', FLAGS.workdir, summary['how']['wall_s'])
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, as in fmnist_mlp.py: tests import this module next to it.
+  config_flags.DEFINE_config_file('config', 'configs/fig2_bias.py', 'Analysis configuration.')
+  flags.DEFINE_string('workdir', None, 'Where to write the numbers and the figures.')
+  app.run(main)
