@@ -83,8 +83,10 @@ def check_config(config):
     raise ConfigError(f'sweep_n_points must be >= 1 (1 = classic EP), got {c.sweep_n_points}')
   if not c.dist_depths or min(c.dist_depths) < 1:
     raise ConfigError(f'dist_depths must be numbers of hidden layers >= 1, got {c.dist_depths}')
-  if not c.dist_alphas or not c.sweep_alphas:
-    raise ConfigError('dist_alphas and sweep_alphas need at least one angle each')
+  if not c.dist_alphas:
+    raise ConfigError('dist_alphas needs at least one angle')
+  if not c.sweep_alphas and not c.checkpoint_dir:
+    raise ConfigError('sweep_alphas is empty and there is no checkpoint_dir: nothing to sweep')
   if c.dist_depth_panel_alpha not in c.dist_alphas:
     raise ConfigError(f'dist_depth_panel_alpha={c.dist_depth_panel_alpha} must be one of '
                       f'dist_alphas {tuple(c.dist_alphas)}')
@@ -126,7 +128,13 @@ def load_trained(workdir):
     ok = False
   if not ok:
     raise ConfigError(f'{workdir}/checkpoint.pkl does not hold fmnist_mlp.py MLP parameters')
-  return {'params': params, 'epoch': ckpt.get('epoch'), 'hidden_sizes': hidden}
+  run_config = os.path.join(workdir, 'config.json')
+  training = None
+  if os.path.exists(run_config):
+    with open(run_config) as f:
+      training = json.load(f)
+  return {'params': params, 'epoch': ckpt.get('epoch'), 'hidden_sizes': hidden,
+          'training_config': training}
 
 
 # ======================================================================================
@@ -160,7 +168,7 @@ def load_batch(config, dtype):
 def max_residual(config):
   if config.max_residual:
     return config.max_residual
-  return 1e-8 if config.x64 else 1e-4
+  return 1e-6 if config.x64 else 1e-4
 
 
 def fixed_point_errors(net, params, x, labels):
@@ -209,6 +217,12 @@ def layer_cosines(a, b):
   """(batch, L + 1): per-sample cosine of each layer's vectors, then of the whole state."""
   columns = [cosine((x,), (y,)) for x, y in zip(a, b)]
   return jnp.stack(columns + [cosine(a, b)], axis=1)
+
+
+def relative_errors(a, b):
+  """||a_i - b_i|| / ||b_i|| for every sample i (whole state)."""
+  return jnp.sqrt(common.per_sample_sq_norm(common.tree_sub(a, b)) /
+                  common.per_sample_sq_norm(b))
 
 
 def layer_names(num_layers):
@@ -276,16 +290,16 @@ def distributions(config, x, labels):
 # ======================================================================================
 
 def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_point,
-                          periods, s_free, exact, weights, trace_sample, trace_units):
+                          periods, s_free, exact, keep, trace_sample, trace_units):
   """Continuous-time hEP from zeros (Eqs. 8-9), with its history.
 
   The loop is common.continuous_time_estimate's (beta(t) held `steps_per_point` steps at
   each of the N points |beta| e^{2 i pi k / N}, running averages from t = 0), written as a
   lax.scan so that every step is recorded: Re s(t) of the traced units of sample
   `trace_sample`, the running estimates s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units,
-  and over the batch (samples weighted by `weights`, 0 = left out) the relative errors
-  ||s_bar - s*_0|| / ||s*_0|| and ||e_bar - d_beta s*|| / ||d_beta s*|| and the mean
-  per-sample cosine(e_bar, d_beta s*). `steps_per_point` counts make_step updates.
+  and the medians over the samples where `keep` is true of the per-sample relative errors
+  ||s_bar - s*_0|| / ||s*_0||, ||e_bar - d_beta s*|| / ||d_beta s*|| and of the cosine
+  (e_bar, d_beta s*). `steps_per_point` counts make_step updates.
 
   Returns (history dict of arrays over time, final s_bar, final e_bar).
   """
@@ -300,11 +314,8 @@ def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_
                 fmnist_mlp.zeros_state(net, x.shape[0]))
   zeros = tree_map(jnp.zeros_like, fmnist_mlp.activate(u0))
   pick = lambda tree: jnp.stack([tree[l][trace_sample, i] for l, i in trace_units])
-  w = weights / jnp.sum(weights)
-
-  def rel_error(a, b):
-    num = jnp.sum(weights * common.per_sample_sq_norm(common.tree_sub(a, b)))
-    return jnp.sqrt(num / jnp.sum(weights * common.per_sample_sq_norm(b)))
+  median = lambda v: jnp.nanmedian(jnp.where(keep, v, jnp.nan))
+  rel_error = lambda a, b: median(relative_errors(a, b))
 
   def body(carry, t):
     u, s_sum, e_sum = carry
@@ -318,7 +329,7 @@ def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_
     record = {'beta_re': jnp.real(betas[k]), 'beta_im': jnp.imag(betas[k]),
               's': pick(tree_map(jnp.real, s)), 's_bar': pick(s_bar), 'e_bar': pick(e_bar),
               's_error': rel_error(s_bar, s_free), 'e_error': rel_error(e_bar, exact),
-              'e_cosine': jnp.sum(w * cosine(e_bar, exact))}
+              'e_cosine': median(cosine(e_bar, exact))}
     return (u, s_sum, e_sum), record
 
   (_, s_sum, e_sum), history = jax.lax.scan(body, (u0, zeros, zeros), jnp.arange(total))
@@ -332,24 +343,21 @@ def continuous_analysis(config, x, labels):
   net, params = init_network(config, config.hidden_sizes, config.continuous_alpha)
   base = _compiled_errors(dynamics_key(net))(params, x, labels)
   s_free, exact = fmnist_mlp.activate(base['u_free']), base['exact']
-  weights = (np.asarray(base['residual']) <= max_residual(config)).astype(x.dtype)
+  keep = np.asarray(base['residual']) <= max_residual(config)
   # One unit per layer: the one whose exact d_beta s* is largest for the traced sample.
   trace_units = tuple((l, int(jnp.argmax(jnp.abs(e[config.trace_sample]))))
                       for l, e in enumerate(exact))
   per_point = fmnist_mlp.steps_for(net, config.continuous_steps_per_point)
   n, beta = config.continuous_n_points, config.continuous_beta
-  run = jax.jit(lambda p, x, y, s0, e, w: continuous_trajectory(
-      net, p, x, y, beta, n, per_point, config.continuous_periods, s0, e, w,
+  run = jax.jit(lambda p, x, y, s0, e, k: continuous_trajectory(
+      net, p, x, y, beta, n, per_point, config.continuous_periods, s0, e, k,
       config.trace_sample, trace_units)[0])
-  history = jax.device_get(run(params, x, labels, s_free, exact, jnp.asarray(weights)))
+  history = jax.device_get(run(params, x, labels, s_free, exact, jnp.asarray(keep)))
   # The limit of the running average for an equilibrated system: the N-point Cauchy
   # estimate at the same |beta| (its own O(|beta|^N) bias), from the free fixed point.
   cauchy = jax.jit(functools.partial(cauchy_estimate, net, n))(params, x, labels,
                                                                base['u_free'], beta)
-  keep = weights > 0
-  cauchy_error = float(np.sqrt(
-      np.sum(np.asarray(common.per_sample_sq_norm(common.tree_sub(cauchy, exact)))[keep]) /
-      np.sum(np.asarray(common.per_sample_sq_norm(exact))[keep])))
+  cauchy_error = float(np.median(np.asarray(relative_errors(cauchy, exact))[keep]))
   pick = lambda tree: np.array([float(tree[l][config.trace_sample, i]) for l, i in trace_units])
   return {'history': {k: np.asarray(v) for k, v in history.items()},
           'trace_units': trace_units, 'steps_per_point': per_point,
@@ -369,10 +377,12 @@ def summarize(cosines, keep):
 
 
 def write_csv(path, header, rows):
+  """Floats with 9 significant digits."""
+  fmt = lambda v: f'{v:.9g}' if isinstance(v, (float, np.floating)) else v
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows([fmt(v) for v in row] for row in rows)
 
 
 def kde(values, grid):
@@ -383,40 +393,62 @@ def kde(values, grid):
   return np.exp(-0.5 * z ** 2).sum(1) / (len(values) * bw * np.sqrt(2 * np.pi))
 
 
-LAYER_COLORS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e')
+HIDDEN_COLORS = ('#1b9e77', '#d95f02', '#e6ab02', '#66a61e', '#a6761d')
+OUT_COLOR = '#7570b3'
+N_COLORS = {1: '0.55', 2: '#c51b8a', 3: '#ae017e', 4: '#7a0177', 5: '#49006a', 6: '#f768a1'}
 
 
-def ridgelines(ax, rows, title, legend_names):
-  """One ridge per row (label, [per-layer cosine arrays]); each KDE scaled to its peak."""
-  grid = np.linspace(-1.0, 1.0, 801)
-  for r, (label, columns) in enumerate(rows):
-    base = len(rows) - 1 - r
-    for l, values in enumerate(columns):
-      d = kde(values, grid)
-      ax.fill_between(grid, base, base + 0.85 * d / d.max(), color=LAYER_COLORS[l], alpha=0.35,
-                      lw=0)
-      ax.plot(grid, base + 0.85 * d / d.max(), color=LAYER_COLORS[l], lw=1.2,
-              label=legend_names[l] if r == 0 else None)
-    ax.axhline(base, color='0.8', lw=0.6)
-  ax.set_yticks(np.arange(len(rows))[::-1] + 0.3)
-  ax.set_yticklabels([label for label, _ in rows])
-  ax.set_xlim(-1.0, 1.05)
-  ax.set_xlabel(r'cosine($\delta$, exact $d_\beta s^*$) per sample')
-  ax.set_title(title, loc='left', fontsize=10)
-  ax.legend(fontsize=8, loc='upper left', frameon=False)
+def layer_color(l, num_layers):
+  """The output layer has one colour, hidden layer l (from the input) another, everywhere."""
+  return OUT_COLOR if l == num_layers - 1 else HIDDEN_COLORS[l % len(HIDDEN_COLORS)]
 
 
-def plot_sweep(path, states, betas, n_points_list):
+def pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  colors = {1: '0.55', 2: '#c51b8a', 3: '#ae017e', 4: '#7a0177', 5: '#49006a', 6: '#f768a1'}
-  fig, axes = plt.subplots(1, len(states), figsize=(4.2 * len(states), 3.6), squeeze=False)
-  for ax, (panel, state) in zip(axes[0], zip('abcdefgh', states)):
+  return plt
+
+
+def ridgelines(ax, rows, title):
+  """One ridge per row (label, [per-layer cosine arrays]); each KDE scaled to its peak."""
+  grid = np.linspace(-1.0, 1.0, 801)
+  labelled = set()
+  for r, (label, columns) in enumerate(rows):
+    base = len(rows) - 1 - r
+    names = layer_names(len(columns))[:-1]
+    for l, values in enumerate(columns):
+      d = kde(values, grid)
+      color = layer_color(l, len(columns))
+      ax.fill_between(grid, base, base + 0.85 * d / d.max(), color=color, alpha=0.3, lw=0)
+      ax.plot(grid, base + 0.85 * d / d.max(), color=color, lw=1.2,
+              label=None if names[l] in labelled else names[l])
+      labelled.add(names[l])
+    ax.axhline(base, color='0.8', lw=0.6)
+  ax.set_yticks(np.arange(len(rows))[::-1] + 0.3)
+  ax.set_yticklabels([label for label, _ in rows])
+  ax.set_ylim(-0.1, len(rows) + 0.25)
+  ax.set_xlim(-1.0, 1.05)
+  ax.set_xlabel(r'cosine($\delta$, exact $d_\beta s^*$) per sample')
+  ax.set_title(title, loc='left', fontsize=10)
+  handles, labels = ax.get_legend_handles_labels()
+  order = sorted(range(len(labels)), key=lambda i: (labels[i] == 'out', labels[i]))
+  ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
+            loc='upper left', frameon=False, ncol=len(labels))
+
+
+def plot_sweep(path, states, betas, n_points_list):
+  """a, b (and the trained network): median cosine against |beta|; then, for the tied
+  network, 1 - cosine on a log scale, where the finite-nudge bias shows its power law."""
+  plt = pyplot()
+  tied = [s for s in states if s['alpha'] == 0]
+  fig, axes = plt.subplots(1, len(states) + len(tied[:1]),
+                           figsize=(4.2 * (len(states) + len(tied[:1])), 3.6), squeeze=False)
+  for ax, state in zip(axes[0], states):
     keep = state['keep']
     for i, n in enumerate(n_points_list):
       c = state['sweep']['estimates'][i][:, keep, -1]
-      color = colors.get(n, None)
+      color = N_COLORS.get(n)
       ax.plot(betas, np.median(c, 1), 'o-', ms=3, color=color,
               label='classic EP (N=1)' if n == 1 else f'hEP N={n}')
       ax.fill_between(betas, np.percentile(c, 25, 1), np.percentile(c, 75, 1), color=color,
@@ -425,66 +457,77 @@ def plot_sweep(path, states, betas, n_points_list):
     ax.axhline(exact, color='k', ls='--', lw=1, label=r'exact $d_\beta s^*$')
     ax.set_xscale('log')
     ax.set_xlabel(r'teaching amplitude $|\beta|$')
-    ax.set_title(f"{panel}  {state['title']}", loc='left', fontsize=10)
+    ax.set_title(state['title'], loc='left', fontsize=10)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(r'cosine($\delta$, estimate), whole state')
   axes[0][0].legend(fontsize=8, loc='lower left')
+  if tied:
+    ax, state = axes[0][-1], tied[0]
+    for i, n in enumerate(n_points_list):
+      c = state['sweep']['estimates'][i][:, state['keep'], -1]
+      ax.plot(betas, np.maximum(np.median(1 - c, 1), 1e-17), 'o-', ms=3,
+              color=N_COLORS.get(n), label=f'N={n}')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_ylim(1e-17, 1)
+    ax.set_xlabel(r'teaching amplitude $|\beta|$')
+    ax.set_ylabel('median of 1 - cosine')
+    ax.set_title('tied weights, log scale: bias ~ $|\\beta|^N$, so 1 - cos ~ $|\\beta|^{2N}$',
+                 loc='left', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
 
 
 def plot_distributions(path, config, dist, trained):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   threshold = max_residual(config)
   kept = lambda c, r: [c[r <= threshold, l] for l in range(c.shape[1] - 1)]
   depth_c = len(config.hidden_sizes) if len(config.hidden_sizes) in config.dist_depths \
       else config.dist_depths[-1]
   panels = [
-      ('c', f'{depth_c} hidden layer(s) of {config.dist_width}, angle alpha',
-       [(f'{alpha:.0f}°', kept(*dist[(depth_c, float(alpha))])) for alpha in config.dist_alphas],
-       depth_c + 1),
-      ('d', f'alpha = {config.dist_depth_panel_alpha:.0f}°, depth',
+      (f'c  {depth_c} hidden layer(s) of {config.dist_width}, angle alpha',
+       [(f'{alpha:.0f}°', kept(*dist[(depth_c, float(alpha))])) for alpha in config.dist_alphas]),
+      (f'd  alpha = {config.dist_depth_panel_alpha:.0f}°, number of hidden layers',
        [(f'{d} hidden', kept(*dist[(d, float(config.dist_depth_panel_alpha))]))
-        for d in config.dist_depths], max(config.dist_depths) + 1)]
+        for d in config.dist_depths])]
   if trained is not None:
-    panels.append(('', f"trained (epoch {trained['epoch']})",
-                   [('trained', kept(trained['cosines'], trained['residual']))],
-                   len(trained['hidden_sizes']) + 1))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-  for ax, (letter, title, rows, num_layers) in zip(axes[0], panels):
-    names = layer_names(num_layers)[:-1]
-    ridgelines(ax, rows, f'{letter}  {title}'.strip(), names)
+    panels.append((f"trained network (epoch {trained['epoch']})",
+                   [('trained', kept(trained['cosines'], trained['residual']))]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.9), squeeze=False)
+  for ax, (title, rows) in zip(axes[0], panels):
+    ridgelines(ax, rows, title)
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
 
 
 def plot_continuous(path, config, cont):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   h = cont['history']
   period = config.continuous_n_points * cont['steps_per_point']
   t = (np.arange(len(h['s_error'])) + 1) / period
-  names = layer_names(cont['num_layers'])
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  num_layers = cont['num_layers']
+  names = layer_names(num_layers)
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
   ax = axes[0]
   for j, (l, i) in enumerate(cont['trace_units']):
-    color = LAYER_COLORS[l]
+    color = layer_color(l, num_layers)
     ax.plot(t, h['s'][:, j], color=color, lw=0.6, alpha=0.6)
     ax.plot(t, h['s_bar'][:, j], color=color, lw=2, label=f'{names[l]} unit {i}')
     ax.axhline(cont['s_free_units'][j], color=color, ls='--', lw=1)
+  top = max(h['s'].max(), 0.0)
+  ax.set_ylim(top=top + 0.25 * (top - min(h['s'].min(), 1.0)))
   ax.set_xlabel('time (periods of the teaching signal)')
   ax.set_ylabel(r'Re $s(t)$ (thin), running mean (thick)')
-  ax.set_title(r'e  free fixed point $s^*_0$ (dashed) from the running mean, Eq. 9',
+  ax.set_title(r'e  running mean $\to$ free fixed point $s^*_0$ (dashed), Eq. 9',
                loc='left', fontsize=9)
-  ax.legend(fontsize=8, loc='best')
+  ax.legend(fontsize=8, loc='upper center', ncol=3, frameon=False)
   ax = axes[1]
   for j, (l, i) in enumerate(cont['trace_units']):
-    color = LAYER_COLORS[l]
+    color = layer_color(l, num_layers)
     scale = abs(cont['exact_units'][j])
     ax.plot(t, h['e_bar'][:, j] / scale, color=color, lw=1.5,
             label=fr'{names[l]} unit {i} ($|d_\beta s^*|$ = {scale:.2g})')
@@ -492,21 +535,24 @@ def plot_continuous(path, config, cont):
   ax.set_ylim(-3, 3)
   ax.set_xlabel('time (periods of the teaching signal)')
   ax.set_ylabel(r'running estimate / $|d_\beta s^*|$')
-  ax.set_title(r'f  running estimate of $d_\beta s^*$ (Eq. 8), exact dashed',
-               loc='left', fontsize=9)
+  ax.set_title(r'f  running estimate $\to d_\beta s^*$ (dashed), Eq. 8', loc='left',
+               fontsize=9)
   ax.legend(fontsize=8, loc='lower right')
   ax = axes[2]
-  ax.plot(t, h['s_error'], color='#1f78b4', label=r'$\|\bar s - s^*_0\| / \|s^*_0\|$')
-  ax.plot(t, h['e_error'], color='#e31a1c',
-          label=r'$\|\bar e - d_\beta s^*\| / \|d_\beta s^*\|$')
-  ax.plot(t, 1 - h['e_cosine'], color='#e31a1c', ls=':',
-          label=r'1 - cosine($\bar e$, $d_\beta s^*$)')
+  ends = np.arange(period - 1, len(t), period)
+  for key, color, ls, label in (
+      ('s_error', '#1f78b4', '-', r'$\|\bar s - s^*_0\| / \|s^*_0\|$'),
+      ('e_error', '#e31a1c', '-', r'$\|\bar e - d_\beta s^*\| / \|d_\beta s^*\|$'),
+      ('e_cosine', '#e31a1c', ':', r'1 - cosine($\bar e$, $d_\beta s^*$)')):
+    values = 1 - h[key] if key == 'e_cosine' else h[key]
+    ax.plot(t, values, color=color, ls=ls, lw=0.8, label=label)
+    ax.plot(t[ends], values[ends], 'o', color=color, ms=3)
   ax.axhline(cont['cauchy_error'], color='k', ls='--', lw=1,
              label=f'{config.continuous_n_points}-point Cauchy estimate (its bias)')
   ax.set_xscale('log')
   ax.set_yscale('log')
-  ax.set_xlabel('time (periods)')
-  ax.set_title('convergence over the batch', loc='left', fontsize=9)
+  ax.set_xlabel('time (periods); dots: ends of periods')
+  ax.set_title('median over the batch', loc='left', fontsize=9)
   ax.legend(fontsize=7, loc='lower left')
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -535,15 +581,16 @@ def run(config, workdir):
 
   # Fig. 2a-b.
   states = []
-  for alpha in config.sweep_alphas:
+  for panel, alpha in zip('ab' + ' ' * len(config.sweep_alphas), config.sweep_alphas):
     net, params = init_network(config, config.hidden_sizes, alpha)
-    title = ('tied weights, alpha = 0°' if alpha == 0 else f'alpha = {alpha:.0f}°') + \
-        ' (initialisation)'
-    states.append({'name': f'alpha{alpha:g}', 'title': title, 'net': net, 'params': params})
+    title = f'{panel}  ' + ('tied weights, alpha = 0°' if alpha == 0 else
+                            f'alpha = {alpha:.0f}°') + ' (initialisation)'
+    states.append({'name': f'alpha{alpha:g}', 'title': title, 'net': net, 'params': params,
+                   'alpha': float(alpha)})
   if trained is not None:
     net = network_config(config, trained['hidden_sizes'])
-    states.append({'name': 'trained', 'title': f"trained, epoch {trained['epoch']}",
-                   'net': net, 'params': cast(trained['params'])})
+    states.append({'name': 'trained', 'title': f"trained network (epoch {trained['epoch']})",
+                   'net': net, 'params': cast(trained['params']), 'alpha': None})
   for state in states:
     state['sweep'] = sweep(state['net'], state['params'], x, labels, betas, n_points_list)
     state['keep'] = state['sweep']['residual'] <= threshold
@@ -568,7 +615,9 @@ def run(config, workdir):
               'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores '
                          f'({jax.devices()[0].platform}), {platform.platform()}',
               'jax': jax.__version__, 'wall_s': None, 'cpu_s': None,
-              'max_residual': threshold},
+              'max_residual': threshold,
+              'checkpoint_dir': config.checkpoint_dir or None,
+              'checkpoint_training_config': trained and trained['training_config']},
       'cosine': 'per-sample cosine similarity; columns are the layers (h1.., out) and the '
                 'whole state (all); statistics over the samples whose free phase converged',
       'sweep': {}, 'distributions': {}, 'continuous': {}}
