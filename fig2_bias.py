@@ -192,18 +192,18 @@ def dynamics_key(net):
   return (tuple(net.hidden_sizes), net.layer_updates, net.t_free, net.t_nudge)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_errors(key):
-  net = network_config_from_key(key)
-  return jax.jit(functools.partial(fixed_point_errors, net))
-
-
 def network_config_from_key(key):
   hidden, layer_updates, t_free, t_nudge = key
   net = mlp_config.get_config()
   net.update(dict(hidden_sizes=hidden, layer_updates=layer_updates, t_free=t_free,
                   t_nudge=t_nudge, tol=0.0))
   return net
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_errors(key):
+  """fixed_point_errors, compiled once per network shape and dynamics."""
+  return jax.jit(functools.partial(fixed_point_errors, network_config_from_key(key)))
 
 
 def cosine(a, b):
