@@ -51,10 +51,11 @@ def per_sample_dot(a, b):
   return sum(jax.tree_util.tree_leaves(terms))
 
 
-def per_sample_cosine(a, b, eps=1e-12):
-  """Cosine similarity between a_i and b_i for every sample i (over all leaves given)."""
-  num = per_sample_dot(a, b)
-  return num / jnp.sqrt(per_sample_sq_norm(a) * per_sample_sq_norm(b) + eps)
+def per_sample_cosine(a, b):
+  """Cosine similarity between a_i and b_i for every sample i (over all leaves given); 0 where
+  either vector is zero."""
+  norms = jnp.sqrt(per_sample_sq_norm(a) * per_sample_sq_norm(b))
+  return jnp.where(norms > 0, per_sample_dot(a, b) / jnp.where(norms > 0, norms, 1), 0.0)
 
 
 def units_per_sample(tree):
@@ -159,7 +160,7 @@ def exact_dbeta(relax):
 
 
 def continuous_time_estimate(step, u0, activate, beta_abs, n_points, steps_per_point,
-                             periods):
+                             periods, record=None):
   """Continuous-time hEP: no free phase, a rotating teaching signal (Eqs. 8-9, App. C.1, D.3).
 
   beta(t) steps through the N points |beta| e^{2 i pi k / N}, holding each for
@@ -170,12 +171,16 @@ def continuous_time_estimate(step, u0, activate, beta_abs, n_points, steps_per_p
       s_bar  = mean_t s(t)                                 -> s*_0      (Eq. 9)
       e_bar  = mean_t s(t) e^{-2 i pi k(t) / N} / |beta|    -> d_beta s* (Eq. 8)
 
-  The transient from `u0` contributes O(1/periods) to both; with an equilibrated system the
-  per-period average equals the N-point Cauchy estimate. Paper setting: N = 4, 60 steps per
-  point, 5 periods. For drives G that are affine in s (the MLPs), averaging dF/dtheta over
-  time (Eq. 9) is the same as evaluating it at s_bar, which is what callers do.
+  The transient from `u0` contributes O(1/periods) to both, and the lag of the state after
+  each switch of beta biases e_bar by O(relaxation time / steps_per_point); with an
+  equilibrated system the per-period average equals the N-point Cauchy estimate. Paper
+  setting: N = 4, 60 steps per point, 5 periods. For drives G that are affine in s (the
+  MLPs), averaging dF/dtheta over time (Eq. 9) is the same as evaluating it at s_bar,
+  which is what callers do.
 
-  Returns (s_bar, e_bar), both real.
+  Returns (s_bar, e_bar), both real. With `record(beta, s, s_bar, e_bar) -> pytree`, called
+  after every step with the running averages so far, returns (s_bar, e_bar, history): the
+  records stacked over time (for plotting the convergence, Fig. 2e-f).
   """
   if n_points < 2:
     raise ValueError(f'the continuous-time estimate needs N >= 2 points, got {n_points}')
@@ -183,22 +188,27 @@ def continuous_time_estimate(step, u0, activate, beta_abs, n_points, steps_per_p
   if n_points == 2:
     phases = phases.real
   betas, conj_phases = jnp.asarray(beta_abs * phases), jnp.asarray(np.conj(phases))
-  dtype = betas.dtype
   total = n_points * steps_per_point * periods
 
-  def body(t, carry):
+  def averages(s_sum, e_sum, count):
+    return (tree_map(lambda x: (x / count).real, s_sum),
+            tree_map(lambda x: (x / (count * beta_abs)).real, e_sum))
+
+  def body(carry, t):
     u, s_sum, e_sum = carry
     k = (t // steps_per_point) % n_points
     u = step(u, betas[k])
     s = activate(u)
-    return u, tree_add(s_sum, s), tree_map(lambda a, x: a + x * conj_phases[k], e_sum, s)
+    s_sum = tree_add(s_sum, s)
+    e_sum = tree_map(lambda a, x: a + x * conj_phases[k], e_sum, s)
+    out = None if record is None else record(betas[k], s, *averages(s_sum, e_sum, t + 1))
+    return (u, s_sum, e_sum), out
 
-  u0 = tree_map(lambda x: x.astype(dtype), u0)
+  u0 = tree_map(lambda x: x.astype(betas.dtype), u0)
   zeros = tree_map(jnp.zeros_like, activate(u0))
-  _, s_sum, e_sum = jax.lax.fori_loop(0, total, body, (u0, zeros, zeros))
-  s_bar = tree_map(lambda x: (x / total).real, s_sum)
-  e_bar = tree_map(lambda x: (x / (total * beta_abs)).real, e_sum)
-  return s_bar, e_bar
+  (_, s_sum, e_sum), history = jax.lax.scan(body, (u0, zeros, zeros), jnp.arange(total))
+  s_bar, e_bar = averages(s_sum, e_sum, total)
+  return (s_bar, e_bar) if record is None else (s_bar, e_bar, history)
 
 
 def rbp_delta(step, u_star, dl_du, num_steps):

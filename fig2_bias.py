@@ -206,17 +206,10 @@ def _compiled_errors(key):
   return jax.jit(functools.partial(fixed_point_errors, network_config_from_key(key)))
 
 
-def cosine(a, b):
-  """Per-sample cosine, without common.per_sample_cosine's absolute guard eps (1e-12 on
-  |a|^2 |b|^2): the error vectors of lower layers can be small enough for it to bias the
-  cosine by ~1e-6 (the tiny test network's are). The vectors here are never zero."""
-  return common.per_sample_cosine(a, b, eps=0.0)
-
-
 def layer_cosines(a, b):
   """(batch, L + 1): per-sample cosine of each layer's vectors, then of the whole state."""
-  columns = [cosine((x,), (y,)) for x, y in zip(a, b)]
-  return jnp.stack(columns + [cosine(a, b)], axis=1)
+  columns = [common.per_sample_cosine((x,), (y,)) for x, y in zip(a, b)]
+  return jnp.stack(columns + [common.per_sample_cosine(a, b)], axis=1)
 
 
 def relative_errors(a, b):
@@ -293,11 +286,10 @@ def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_
                           periods, s_free, exact, keep, trace_sample, trace_units):
   """Continuous-time hEP from zeros (Eqs. 8-9), with its history.
 
-  The loop is common.continuous_time_estimate's (beta(t) held `steps_per_point` steps at
-  each of the N points |beta| e^{2 i pi k / N}, running averages from t = 0), written as a
-  lax.scan so that every step is recorded: Re s(t) of the traced units of sample
-  `trace_sample`, the running estimates s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units,
-  and the medians over the samples where `keep` is true of the per-sample relative errors
+  common.continuous_time_estimate (beta(t) held `steps_per_point` steps at each of the N
+  points |beta| e^{2 i pi k / N}, running averages from t = 0), recording after every
+  step: Re s(t) of the traced units of sample `trace_sample`, the running estimates
+  s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units, and the medians over the samples where `keep` is true of the per-sample relative errors
   ||s_bar - s*_0|| / ||s*_0||, ||e_bar - d_beta s*|| / ||d_beta s*|| and of the cosine
   (e_bar, d_beta s*). `steps_per_point` counts make_step updates.
 
@@ -305,36 +297,19 @@ def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_
   """
   x_drive = fmnist_mlp.input_drive(params, x)
   step = fmnist_mlp.make_step(net, params, x_drive, labels)
-  phases = np.exp(2j * np.pi * np.arange(n_points) / n_points)
-  if n_points == 2:
-    phases = phases.real
-  betas, conj_phases = jnp.asarray(beta_abs * phases), jnp.asarray(np.conj(phases))
-  total = n_points * steps_per_point * periods
-  u0 = tree_map(lambda a: a.astype(betas.dtype),
-                fmnist_mlp.zeros_state(net, x.shape[0]))
-  zeros = tree_map(jnp.zeros_like, fmnist_mlp.activate(u0))
   pick = lambda tree: jnp.stack([tree[l][trace_sample, i] for l, i in trace_units])
   median = lambda v: jnp.nanmedian(jnp.where(keep, v, jnp.nan))
   rel_error = lambda a, b: median(relative_errors(a, b))
 
-  def body(carry, t):
-    u, s_sum, e_sum = carry
-    k = (t // steps_per_point) % n_points
-    u = step(u, betas[k])
-    s = fmnist_mlp.activate(u)
-    s_sum = common.tree_add(s_sum, s)
-    e_sum = tree_map(lambda a, v: a + v * conj_phases[k], e_sum, s)
-    s_bar = tree_map(lambda a: (a / (t + 1)).real, s_sum)
-    e_bar = tree_map(lambda a: (a / ((t + 1) * beta_abs)).real, e_sum)
-    record = {'beta_re': jnp.real(betas[k]), 'beta_im': jnp.imag(betas[k]),
-              's': pick(tree_map(jnp.real, s)), 's_bar': pick(s_bar), 'e_bar': pick(e_bar),
-              's_error': rel_error(s_bar, s_free), 'e_error': rel_error(e_bar, exact),
-              'e_cosine': median(cosine(e_bar, exact))}
-    return (u, s_sum, e_sum), record
+  def record(beta, s, s_bar, e_bar):
+    return {'beta_re': jnp.real(beta), 'beta_im': jnp.imag(beta),
+            's': pick(tree_map(jnp.real, s)), 's_bar': pick(s_bar), 'e_bar': pick(e_bar),
+            's_error': rel_error(s_bar, s_free), 'e_error': rel_error(e_bar, exact),
+            'e_cosine': median(common.per_sample_cosine(e_bar, exact))}
 
-  (_, s_sum, e_sum), history = jax.lax.scan(body, (u0, zeros, zeros), jnp.arange(total))
-  s_bar = tree_map(lambda a: (a / total).real, s_sum)
-  e_bar = tree_map(lambda a: (a / (total * beta_abs)).real, e_sum)
+  s_bar, e_bar, history = common.continuous_time_estimate(
+      step, fmnist_mlp.zeros_state(net, x.shape[0]), fmnist_mlp.activate, beta_abs,
+      n_points, steps_per_point, periods, record=record)
   return history, s_bar, e_bar
 
 

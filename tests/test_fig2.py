@@ -126,7 +126,7 @@ def test_tied_sweep_gives_cosine_one_for_every_n_of_at_least_two():
 
 # ----------------------------------------------------------------- Fig. 2e-f continuous
 
-def test_continuous_trajectory_ends_at_common_continuous_time_estimate():
+def test_continuous_trajectory_records_the_running_estimates_of_common():
   config, params, x, labels = tiny_mlp(alpha=70.0, layer_updates='alternating')
   x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
