@@ -5,11 +5,8 @@ down so the dynamics contract). References are independent of the script's estim
 dense Jacobians with jnp.linalg.solve, autodiff through long unrolled synchronous dynamics.
 The end-to-end test trains in subprocesses (float32) on small synthetic IDX files.
 """
-import gzip
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +16,9 @@ import pytest
 import common
 import fmnist_feedback as m
 from configs import fmnist_feedback as feedback_config
+import scripts
+from scripts import SMALL, read_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
 
 
@@ -234,7 +232,6 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
 def test_every_algorithm_gives_its_reference_gradient():
   """compute_grads end to end (float64) for every estimator against its exact reference."""
   config, params, x, labels = tiny_net()
-  x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
   s_free = m.activate(u_free)
   vectors = dense(params, x, labels, u_free)
@@ -342,41 +339,8 @@ def test_cli_reports_bad_input_before_compiling(tmp_path):
 
 # ----------------------------------------------------------------- end to end
 
-SMALL = ['--config.hidden_sizes=(32,16)', '--config.t_free=30', '--config.t_nudge=8',
-         '--config.train_size=100', '--config.test_size=60', '--config.eval_batch_size=20',
-         '--config.diag_batch_size=10', '--config.diag_jacobian_samples=2',
-         '--config.log_every_steps=1']
-
-
-def write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope='module')
-def idx_dir(tmp_path_factory):
-  """A Fashion-MNIST look-alike: the four IDX files, class-dependent random images."""
-  folder = tmp_path_factory.mktemp('idx')
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 200), ('t10k', 100)):
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 120, (n, 28, 28)) + 12 * labels[:, None, None]
-    write_idx(folder / f'{split}-images-idx3-ubyte.gz', images)
-    write_idx(folder / f'{split}-labels-idx1-ubyte.gz', labels)
-  return str(folder)
-
-
 def run_script(args, env=None):
-  return subprocess.run([sys.executable, 'fmnist_feedback.py', *args], cwd=ROOT,
-                        capture_output=True, text=True, env={**os.environ, **(env or {})},
-                        check=False)
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return scripts.run_script('fmnist_feedback.py', args, env)
 
 
 def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path):

@@ -4,7 +4,6 @@ In-process tests run in float64 on the tiny 784-6-5-10 MLP of tiny.py; the refer
 independent (dense Jacobians and solves, common.continuous_time_estimate). The end-to-end
 run is a subprocess on small IDX files.
 """
-import gzip
 import json
 import os
 import pickle
@@ -20,9 +19,9 @@ import common
 import fig2_bias
 import fmnist_mlp as m
 from configs import fig2_bias as fig2_config
+from scripts import ROOT, write_fashion_mnist_lookalike
 from tiny import BATCH, dense, free_fixed_point, sample, tie, tiny_mlp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def antisymmetrically_perturbed(params, eps, seed=7):
@@ -216,22 +215,10 @@ def test_cli_errors_are_one_line_before_any_compute(tmp_path):
   assert not any(os.path.exists(tmp_path / w) for w in 'abcd')
 
 
-def write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_smoke_run_writes_every_output(tmp_path):
   data = tmp_path / 'idx'
   data.mkdir()
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 40), ('t10k', 10)):
-    labels = rng.integers(0, 10, n)
-    write_idx(data / f'{split}-images-idx3-ubyte.gz',
-              rng.integers(0, 120, (n, 28, 28)) + 12 * labels[:, None, None])
-    write_idx(data / f'{split}-labels-idx1-ubyte.gz', labels)
+  write_fashion_mnist_lookalike(data, num_train=40, num_test=10)
   # A "trained" network: the checkpoint format of fmnist_mlp.py.
   run_dir = tmp_path / 'train_run'
   run_dir.mkdir()

@@ -1,7 +1,7 @@
 """fmnist_mlp.py end to end: data, bad input, every algorithm, resume, multi-device.
 
 Training runs in subprocesses (float32, as users run it; fake CPU devices need their own
-process). Data come from small IDX files written here, and from the Debian package.
+process). Data come from small IDX files (the idx_dir fixture) and the Debian package.
 """
 import gzip
 import json
@@ -14,42 +14,12 @@ import pytest
 
 import fmnist_mlp
 from configs import fmnist_mlp as mlp_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--config.hidden_sizes=(32,16)', '--config.t_free=30', '--config.t_nudge=8',
-         '--config.train_size=100', '--config.test_size=60', '--config.eval_batch_size=20',
-         '--config.diag_batch_size=10', '--config.diag_jacobian_samples=2',
-         '--config.log_every_steps=1']
+import scripts
+from scripts import ROOT, SMALL, read_rows
 
 
-def write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope='module')
-def idx_dir(tmp_path_factory):
-  """A Fashion-MNIST look-alike: the four IDX files, class-dependent random images."""
-  folder = tmp_path_factory.mktemp('idx')
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 200), ('t10k', 100)):
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 120, (n, 28, 28)) + 12 * labels[:, None, None]
-    write_idx(folder / f'{split}-images-idx3-ubyte.gz', images)
-    write_idx(folder / f'{split}-labels-idx1-ubyte.gz', labels)
-  return str(folder)
-
-
-def run_script(args, env=None, script='fmnist_mlp.py'):
-  return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
-                        text=True, env={**os.environ, **(env or {})}, check=False)
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+def run_script(args, env=None):
+  return scripts.run_script('fmnist_mlp.py', args, env)
 
 
 # ---------------------------------------------------------------------------- data
