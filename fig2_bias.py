@@ -143,10 +143,9 @@ def load_trained(workdir):
 
 def network_config(config, hidden_sizes, alpha=0.0):
   """The fmnist_mlp config of one network, with this analysis's dynamics settings."""
-  net = mlp_config.get_config()
-  net.update(dict(hidden_sizes=tuple(int(h) for h in hidden_sizes), alpha=float(alpha),
-                  layer_updates=config.layer_updates, t_free=config.t_free,
-                  t_nudge=config.t_nudge, tol=0.0))
+  net = network_config_from_key((tuple(int(h) for h in hidden_sizes), config.layer_updates,
+                                 config.t_free, config.t_nudge))
+  net.alpha = float(alpha)
   return net
 
 

@@ -658,9 +658,8 @@ def train_and_evaluate(config, workdir):
       row['log10_residual_max'] = float(worst.max())
     if 'homeo_loss' in train:
       row['train_homeo_loss'] = float(train['homeo_loss'].mean())
-    host_params = jax.tree_util.tree_map(lambda a: a[0], params)
-    finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(
-        jax.device_get(host_params)))
+    host_params = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], params))
+    finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(host_params))
     if not (finite_params and np.all(np.isfinite(train['loss']))):
       row['diverged'] = True
       write_metrics(workdir, history + [row])
