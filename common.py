@@ -17,7 +17,8 @@ Conventions
   (Eq. 5); otherwise d_beta s* = (I - DK)^{-1} (I - DK^T) delta (exact form of Eq. 10),
   with D = diag(sigma'(u*)).
 
-The dense "exact references" at the bottom are for small networks (tests, diagnostics).
+The dense Jacobian diagnostics at the bottom are for small networks; the exact references
+the tests compare against (dense solves) live in tests/reference.py.
 """
 import math
 
@@ -211,6 +212,78 @@ def continuous_time_estimate(step, u0, activate, beta_abs, n_points, steps_per_p
   return (s_bar, e_bar) if record is None else (s_bar, e_bar, history)
 
 
+def hold_end_estimate(step, u0, activate, beta_abs, n_points, steps_per_point, periods,
+                      record=None):
+  """Continuous-time hEP as the authors ran it (Table 1, "cont." row): samples at hold ends.
+
+  Like `continuous_time_estimate`, there is no free phase: starting from `u0` (zeros in the
+  experiments), beta(t) holds beta_k = |beta| e^{2 i pi k / N} for `steps_per_point` steps of
+  `u <- step(u, beta)`, for k = 0, 1, 2, ... through `periods` full periods
+  (q = periods * N holds). Unlike it, only the state at the END of each hold enters the
+  averages, so the transient from `u0` and the lag after each switch of beta never do
+  (except through whatever is left of them at the hold's end):
+
+      u_bar = (1/q) sum_holds Re u_end                                      (pre-activation)
+      e_bar = (1/q) sum_holds Re[sigma(u_end) e^{-2 i pi k / N}] / |beta|
+
+  With equilibrated holds every period contributes the same N fixed points, so
+  e_bar = 1/(N |beta|) sum_k s*(beta_k) e^{-2 i pi k / N}, which is exactly the N-point
+  Cauchy estimate of Eq. 22 (`cauchy_estimate`, whose subtraction of s*_0 is a no-op for
+  N >= 2): d_beta s* + O(|beta|^N). And u_bar is the discrete mean-value average of the
+  holomorphic u*(beta) over the N points (Eq. 9 / Eq. 20 with N points),
+  u*_0 + O(|beta|^N): a stand-in for the free fixed point without a free phase.
+
+  The parameter gradient is then the VJP of the drive at sigma(u_bar) applied to e_bar
+  (plus the readout gradient at sigma(u_bar)); that is the caller's job.
+
+  N = 2 uses the real betas +|beta|, -|beta| and stays in real arithmetic; N >= 3 runs the
+  state in complex arithmetic (the complex type matching u0's precision). Paper setting:
+  N = 4, 60 steps per point, 5 periods (1200 steps).
+
+  Returns (u_bar, e_bar), both real with u0's dtypes (e_bar has the structure of
+  `activate(u0)`). With `record(beta, u_end, u_bar, e_bar) -> pytree`, called at the end of
+  every hold with the running averages so far, returns (u_bar, e_bar, history) with the
+  records stacked over the q holds.
+  """
+  if n_points < 2:
+    raise ValueError(f'the hold-end estimate needs N >= 2 points, got {n_points}')
+  if steps_per_point < 1 or periods < 1:
+    raise ValueError(f'need steps_per_point >= 1 and periods >= 1, got {steps_per_point}, '
+                     f'{periods}')
+  real_dtype = jnp.result_type(*jax.tree_util.tree_leaves(u0))
+  phases = np.exp(2j * np.pi * np.arange(n_points) / n_points)
+  if n_points == 2:
+    dtype = real_dtype
+    phases = phases.real
+  else:
+    dtype = jnp.result_type(real_dtype, jnp.complex64)
+  betas = jnp.asarray(beta_abs * phases, dtype)
+  conj_phases = jnp.asarray(np.conj(phases), dtype)
+  num_holds = n_points * periods
+
+  def averages(u_sum, e_sum, count):
+    return (tree_map(lambda x: (x.real / count).astype(real_dtype), u_sum),
+            tree_map(lambda x: (x.real / (count * beta_abs)).astype(real_dtype), e_sum))
+
+  def hold(carry, q):
+    u, u_sum, e_sum = carry
+    k = q % n_points
+    beta = betas[k]
+    u = jax.lax.fori_loop(0, steps_per_point, lambda _, v: step(v, beta), u)
+    u_sum = tree_add(u_sum, u)
+    e_sum = tree_map(lambda a, s: a + s * conj_phases[k], e_sum, activate(u))
+    out = None if record is None else record(beta, u, *averages(u_sum, e_sum, q + 1))
+    return (u, u_sum, e_sum), out
+
+  u0 = tree_map(lambda x: x.astype(dtype), u0)
+  u_zeros = tree_map(jnp.zeros_like, u0)
+  s_zeros = tree_map(jnp.zeros_like, activate(u0))
+  (_, u_sum, e_sum), history = jax.lax.scan(hold, (u0, u_zeros, s_zeros),
+                                            jnp.arange(num_holds))
+  u_bar, e_bar = averages(u_sum, e_sum, num_holds)
+  return (u_bar, e_bar) if record is None else (u_bar, e_bar, history)
+
+
 def rbp_delta(step, u_star, dl_du, num_steps):
   """RBP's neuronal error delta = -J_F^{-T} dL/du (Eq. 4) by the linear adjoint dynamics.
 
@@ -251,16 +324,14 @@ def homeostatic_loss(drive, s, noise):
   return jnp.mean(jax.vmap(one_draw)(noise)) / units_per_sample(s)
 
 
-# ------------------------------------------------------ exact references (small networks)
+# ------------------------------------------- dense Jacobian diagnostics (small networks)
+# Used by the training scripts' per-epoch diagnostics on a few samples; the exact references
+# that only tests need (dense solves) live in tests/reference.py.
 
 def flat_jacobian(fn, x):
   """Dense Jacobian of a pytree -> pytree map for ONE sample (leading batch axis of size 1)."""
   flat_x, unravel = ravel_pytree(x)
   return jax.jacfwd(lambda v: ravel_pytree(fn(unravel(v)))[0])(flat_x)
-
-
-def flatten(tree):
-  return ravel_pytree(tree)[0]
 
 
 def symmetry_measure(jac):
@@ -272,15 +343,3 @@ def symmetry_measure(jac):
 def homeostatic_loss_exact(jac):
   """The exact expected value of `homeostatic_loss` for one sample: (||J||^2 - tr J^2) / n."""
   return (jnp.sum(jac ** 2) - jnp.trace(jac @ jac)) / jac.shape[0]
-
-
-def dbeta_s_dense(k, d, g):
-  """d_beta s* = (I - D K)^{-1} D g by a dense solve (K = dG/ds, d = sigma'(u*), g = dL/ds)."""
-  n = k.shape[0]
-  return jnp.linalg.solve(jnp.eye(n) - d[:, None] * k, d * g)
-
-
-def rbp_delta_dense(k, d, g):
-  """delta = -J_u^{-T} dL/du = (I - D K^T)^{-1} D g by a dense solve (Eq. 4)."""
-  n = k.shape[0]
-  return jnp.linalg.solve(jnp.eye(n) - d[:, None] * k.T, d * g)

@@ -68,8 +68,8 @@ def check_config(config):
     raise ConfigError('this is not a fig2_bias config; use --config=configs/fig2_bias.py')
   if c.data_source not in ('auto', 'idx', 'tfds'):
     raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
-  if c.layer_updates not in ('alternating', 'synchronous'):
-    raise ConfigError(f"unknown layer_updates {c.layer_updates!r} (use 'alternating' or "
+  if c.layer_updates not in ('sequential', 'synchronous'):
+    raise ConfigError(f"unknown layer_updates {c.layer_updates!r} (use 'sequential' or "
                       "'synchronous')")
   for name in ('batch_size', 't_free', 't_nudge', 'dist_width', 'continuous_steps_per_point',
                'continuous_periods'):
@@ -108,33 +108,24 @@ def check_config(config):
 
 
 def load_trained(workdir):
-  """Parameters of a fmnist_mlp.py run's checkpoint, checked to be the MLP's."""
-  try:
-    ckpt = fmnist_mlp.load_checkpoint(workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f'cannot read {workdir}/checkpoint.pkl ({type(e).__name__})') from e
+  """Parameters of a fmnist_mlp.py run's checkpoint (an .npz, never a pickle), checked to be
+  the MLP's, with the training run's config."""
+  ckpt = fmnist_mlp.read_checkpoint(workdir)  # one-line ConfigError if damaged
   if ckpt is None:
-    raise ConfigError(f'no checkpoint.pkl in checkpoint_dir {workdir}')
-  params = ckpt.get('params') if isinstance(ckpt, dict) else None
+    raise ConfigError(f'no {fmnist_mlp.CHECKPOINT} in checkpoint_dir {workdir}')
+  net = mlp_config.get_config()
   try:
-    hidden = tuple(int(f['w'].shape[1]) for f in params['forward'][:-1])
-    net = mlp_config.get_config()
-    net.hidden_sizes = hidden
-    expected = fmnist_mlp.init_params(jax.random.PRNGKey(0), net)
-    ok = jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(expected) and all(
-        np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(params),
-                                                   jax.tree_util.tree_leaves(expected)))
-  except (KeyError, TypeError, IndexError, AttributeError):
-    ok = False
-  if not ok:
-    raise ConfigError(f'{workdir}/checkpoint.pkl does not hold fmnist_mlp.py MLP parameters')
-  run_config = os.path.join(workdir, 'config.json')
-  training = None
-  if os.path.exists(run_config):
-    with open(run_config) as f:
-      training = json.load(f)
-  return {'params': params, 'epoch': ckpt.get('epoch'), 'hidden_sizes': hidden,
-          'training_config': training}
+    net.update({k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in ckpt['config'].items() if k in net})
+    fmnist_mlp.resolve_config(net, jax.local_device_count())
+    params = fmnist_mlp.init_params(jax.random.PRNGKey(0), net)
+    template = (params, fmnist_mlp.make_optimizer(net).init(params))
+    params = fmnist_mlp.restore_state(ckpt, template)[0]
+  except (ConfigError, TypeError, KeyError, ValueError) as e:
+    raise ConfigError(f'{workdir}/{fmnist_mlp.CHECKPOINT} does not hold fmnist_mlp.py MLP '
+                      f'parameters ({e})') from e
+  return {'params': params, 'epoch': ckpt['epoch'], 'hidden_sizes': tuple(net.hidden_sizes),
+          'training_config': ckpt['config']}
 
 
 # ======================================================================================

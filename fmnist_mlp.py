@@ -18,11 +18,13 @@ output layer's drive, where L is the softmax cross-entropy of the readout. Then
 the estimate.)
 """
 import gzip
+import hashlib
 import json
+import math
 import os
-import pickle
 import sys
 import time
+import zlib
 
 from absl import app
 from absl import flags
@@ -37,6 +39,8 @@ import common
 
 ALGORITHMS = ('hep', 'hep_exact', 'hep_continuous', 'rbp', 'bptt')
 NUM_CLASSES = 10
+SPLIT_SIZES = {'train': 60000, 'test': 10000}
+SCRIPT = os.path.basename(__file__)
 
 
 class ConfigError(ValueError):
@@ -53,14 +57,18 @@ IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz
 
 
 def read_idx(path):
-  """An IDX file (the original MNIST format) as a uint8 array."""
-  with gzip.open(path, 'rb') as f:
-    data = f.read()
-  zeros, dtype, ndim = data[0:2], data[2], data[3]
-  if zeros != b'\x00\x00' or dtype != 0x08:
-    raise ConfigError(f'{path} is not a uint8 IDX file')
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  """An IDX file (the original MNIST format) as a uint8 array; a damaged file is a ConfigError."""
+  try:
+    with gzip.open(path, 'rb') as f:
+      data = f.read()
+    zeros, dtype, ndim = data[0:2], data[2], data[3]
+    if zeros != b'\x00\x00' or dtype != 0x08:
+      raise ValueError('not a uint8 IDX header')
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  except (OSError, EOFError, zlib.error, ValueError, IndexError) as e:
+    raise ConfigError(f'{path} is damaged or not a gzipped uint8 IDX file '
+                      f'({type(e).__name__}: {e})') from e
 
 
 def load_idx(folder):
@@ -76,7 +84,14 @@ def load_idx(folder):
 
 
 def load_tfds(data_dir):
+  """Fashion-MNIST from a prepared TFDS data_dir (no download attempt: see load_data)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir or None)
+  if not builder.is_prepared():
+    raise ConfigError(
+        f'TFDS fashion_mnist is not prepared in {builder.data_dir}: install the Debian package '
+        'dataset-fashion-mnist or point --config.data_dir at the four IDX .gz files (or, with '
+        'internet and tensorflow, run tfds.builder("fashion_mnist").download_and_prepare())')
   out = {}
   for split in ('train', 'test'):
     source = tfds.data_source('fashion_mnist', split=split, data_dir=data_dir or None)
@@ -93,14 +108,7 @@ def load_data(config):
                                      (config.data_dir or os.path.isdir(DEBIAN_DIR))):
     data = load_idx(folder)
   else:
-    try:
-      data = load_tfds(config.tfds_data_dir)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(
-          'no Fashion-MNIST found: install the Debian package dataset-fashion-mnist, point '
-          '--config.data_dir at the four IDX .gz files, or make TFDS fashion_mnist available '
-          f'(needs internet and tensorflow) [{type(e).__name__}: {str(e).splitlines()[0]}]'
-      ) from e
+    data = load_tfds(config.tfds_data_dir)
   for split, size in (('train', config.train_size), ('test', config.test_size)):
     if size:
       data[split] = tuple(a[:size] for a in data[split])
@@ -188,14 +196,16 @@ def make_step(config, params, x_drive, labels=None):
   Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order:
 
   * 'synchronous': every layer at once from the previous state, exactly App. D.2.
-  * 'alternating' (default): layers 1, 3, 5, ... then layers 2, 4, ... from the fresh values.
+  * 'sequential' (default): layers 1, 3, 5, ... then layers 2, 4, ... from the fresh values.
     Layers only talk to their neighbours, so the synchronous dynamics split into two
     independent interleaved chains (odd layers at even times with even layers at odd times,
-    and the reverse). One alternating step advances one chain by two synchronous steps at
+    and the reverse). One sequential step advances one chain by two synchronous steps at
     the cost of one: from the same start, it reproduces that chain of the synchronous
     trajectory exactly, and it has the same fixed points. With beta != 0 the nudge couples
     the output layer to its own previous value, which here is taken from its own chain.
-    Callers run steps_for(config, T) steps for T synchronous steps.
+
+  T_free and T_nudge count synchronous steps (the paper's unit); callers run
+  steps_for(config, T) steps of the configured order for them.
   """
   num_layers = len(config.hidden_sizes) + 1
 
@@ -209,7 +219,7 @@ def make_step(config, params, x_drive, labels=None):
     s = activate(u)
     return tuple(new_u(s, l, beta) for l in range(num_layers))
 
-  def alternating(u, beta=None):
+  def sequential(u, beta=None):
     u, s = list(u), list(activate(u))
     for first in (0, 1):
       for l in range(first, num_layers, 2):
@@ -218,7 +228,7 @@ def make_step(config, params, x_drive, labels=None):
         s[l] = sigma(u[l])
     return tuple(u)
 
-  return synchronous if config.layer_updates == 'synchronous' else alternating
+  return synchronous if config.layer_updates == 'synchronous' else sequential
 
 
 def steps_for(config, num_synchronous_steps):
@@ -276,18 +286,6 @@ def rbp_error(config, params, x_drive, labels, u_free):
   return common.rbp_delta(step, u_free, dl_du, config.t_nudge)
 
 
-def error_vector(config, params, x_drive, labels, u_free):
-  """The neuronal error vector e of the configured algorithm, at the free fixed point."""
-  relax = nudged_relaxation(config, params, x_drive, labels, u_free)
-  if config.algorithm == 'hep':
-    return common.cauchy_estimate(relax, activate(u_free), config.beta, config.n_points)
-  if config.algorithm == 'hep_exact':
-    return common.exact_dbeta(relax)
-  if config.algorithm == 'rbp':
-    return rbp_error(config, params, x_drive, labels, u_free)
-  raise ValueError(config.algorithm)
-
-
 def network_grads(params, x, s_free, error):
   """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6)."""
   _, vjp = jax.vjp(lambda p: drives(p, s_free, input_drive(p, x)), params)
@@ -325,20 +323,35 @@ def homeostatic_grads(config, params, x, s_free, noise):
 
 
 def compute_grads(config, params, x, labels, key, sample_ids):
-  """All gradients of one batch: network (by the chosen estimator) + readout + homeostasis."""
+  """All gradients of one batch, read top to bottom.
+
+  1. The network's gradient by the configured algorithm. Every algorithm but continuous-time
+     hEP first relaxes freely to s*_0; the hEP variants and RBP then plug their neuronal
+     error vector e into the same parameter VJP, (dG/dtheta)^T e; BPTT differentiates the
+     unrolled dynamics instead.
+  2. The readout's own gradient at the free state (it is not part of the dynamics).
+  3. The homeostatic gradient (Eq. 12), if homeo_coef > 0.
+  """
   x_drive = input_drive(params, x)
   metrics = {}
   if config.algorithm == 'hep_continuous':
+    # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
     s_free, error = continuous_estimate(config, params, x_drive, labels)
+    grads = network_grads(params, x, s_free, error)
   else:
     u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
-  if config.algorithm == 'bptt':
-    grads = bptt_grads(config, params, x, labels, u_free)
-  else:
-    if config.algorithm != 'hep_continuous':
-      error = error_vector(config, params, x_drive, labels, u_free)
-    grads = network_grads(params, x, s_free, error)
+    relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
+    if config.algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
+      error = common.cauchy_estimate(relax, s_free, config.beta, config.n_points)
+      grads = network_grads(params, x, s_free, error)
+    elif config.algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
+      grads = network_grads(params, x, s_free, common.exact_dbeta(relax))
+    elif config.algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
+      grads = network_grads(params, x, s_free,
+                            rbp_error(config, params, x_drive, labels, u_free))
+    else:  # 'bptt': backpropagation through T_nudge steps from the free fixed point
+      grads = bptt_grads(config, params, x, labels, u_free)
 
   (loss, accuracy), readout_grads = jax.value_and_grad(
       lambda p: readout_loss(p, s_free[-1], labels), has_aux=True)(params)
@@ -460,42 +473,69 @@ def make_diagnostics(config):
 
 
 # ======================================================================================
-# Config checks, checkpointing, metrics
+# Config checks, workdir, checkpoint, metrics
 # ======================================================================================
 
+def check_number(config, name, kind, low=None, high=None, above=None):
+  """One numeric config field: an int (kind=int) or a number, finite, >= low, <= high, > above."""
+  value = config[name]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (kind is int and not isinstance(value, int)):
+    raise ConfigError(f'{name} must be {"an integer" if kind is int else "a number"}, '
+                      f'got {value!r}')
+  if not math.isfinite(value):
+    raise ConfigError(f'{name} must be finite, got {value}')
+  bounds = [f'>= {low}' if low is not None and value < low else None,
+            f'<= {high}' if high is not None and value > high else None,
+            f'> {above}' if above is not None and value <= above else None]
+  broken = [b for b in bounds if b]
+  if broken:
+    raise ConfigError(f'{name} must be {broken[0]}, got {value}')
+
+
+def check_choice(config, name, choices):
+  if config[name] not in choices:
+    raise ConfigError(f'unknown {name} {config[name]!r} (use one of {", ".join(choices)})')
+
+
 def resolve_config(config, num_local_devices):
-  """Check the config (one-line ConfigError on bad input); returns the number of devices."""
+  """Checks every field (one-line ConfigError on bad input); returns the number of devices.
+
+  Runs before any data is read or anything is compiled. The one rewrite: hep with N = 0 is
+  the exact derivative (the authors' convention), recorded as algorithm 'hep_exact'.
+  """
   c = config
-  if c.dataset != 'fashion_mnist':
-    raise ConfigError(f"unknown dataset {c.dataset!r}: this script trains on 'fashion_mnist'")
-  if c.data_source not in ('auto', 'idx', 'tfds'):
-    raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
-  if c.layer_updates not in ('alternating', 'synchronous'):
-    raise ConfigError(f'unknown layer_updates {c.layer_updates!r} '
-                      "(use 'alternating' or 'synchronous')")
-  if c.algorithm not in ALGORITHMS:
-    raise ConfigError(f'unknown algorithm {c.algorithm!r} (use one of {", ".join(ALGORITHMS)})')
-  if c.n_points < 0:
-    raise ConfigError(f'n_points must be >= 0 (0 = exact d_beta s*), got {c.n_points}')
+  check_choice(c, 'dataset', ('fashion_mnist',))
+  check_choice(c, 'data_source', ('auto', 'idx', 'tfds'))
+  check_choice(c, 'layer_updates', ('sequential', 'synchronous'))
+  check_choice(c, 'algorithm', ALGORITHMS)
+  check_choice(c, 'optimizer', ('sgd', 'adam'))
+  sizes = c.hidden_sizes
+  if not isinstance(sizes, (tuple, list)) or not sizes or not all(
+      isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+    raise ConfigError(f'hidden_sizes must be a tuple of positive integers, got {sizes!r}')
+  check_number(c, 'seed', int, 0, 2**31 - 1)
+  check_number(c, 'train_size', int, 0, SPLIT_SIZES['train'])
+  check_number(c, 'test_size', int, 0, SPLIT_SIZES['test'])
+  check_number(c, 'alpha', float, 0, 180)
+  for name in ('t_free', 't_nudge', 'continuous_steps_per_point', 'continuous_periods',
+               'homeo_draws', 'batch_size', 'eval_batch_size', 'num_epochs', 'diag_batch_size'):
+    check_number(c, name, int, 1)
+  check_number(c, 'diag_jacobian_samples', int, 1, c.diag_batch_size)
+  check_number(c, 'tol', float, 0)
+  check_number(c, 'n_points', int, 0, 64)
+  check_number(c, 'beta', float, above=0)
+  check_number(c, 'homeo_coef', float, 0)
+  check_number(c, 'learning_rate', float, above=0)
+  check_number(c, 'momentum', float, 0, 0.999)
+  check_number(c, 'num_devices', int, 0)
+  check_number(c, 'log_every_steps', int, 0)
+  check_number(c, 'max_log10_residual', float)
+  check_number(c, 'max_train_loss', float, above=0)
   if c.algorithm == 'hep' and c.n_points == 0:
     c.algorithm = 'hep_exact'  # the authors' convention: N = 0 is the exact derivative
   if c.algorithm == 'hep_continuous' and c.n_points < 2:
     raise ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
-  if c.algorithm in ('hep', 'hep_continuous') and not c.beta > 0:
-    raise ConfigError(f'beta (the teaching amplitude |beta|) must be > 0, got {c.beta}')
-  if c.optimizer not in ('sgd', 'adam'):
-    raise ConfigError(f"unknown optimizer {c.optimizer!r} (use 'sgd' or 'adam')")
-  if not c.hidden_sizes or min(c.hidden_sizes) < 1:
-    raise ConfigError(f'hidden_sizes must be positive layer sizes, got {c.hidden_sizes}')
-  for name in ('t_free', 't_nudge', 'batch_size', 'eval_batch_size', 'num_epochs',
-               'continuous_steps_per_point', 'continuous_periods', 'homeo_draws',
-               'diag_batch_size', 'diag_jacobian_samples'):
-    if c[name] < 1:
-      raise ConfigError(f'{name} must be >= 1, got {c[name]}')
-  if c.diag_jacobian_samples > c.diag_batch_size:
-    raise ConfigError('diag_jacobian_samples must be <= diag_batch_size')
-  if c.homeo_coef < 0:
-    raise ConfigError(f'homeo_coef must be >= 0, got {c.homeo_coef}')
   num_devices = c.num_devices or num_local_devices
   if num_devices > num_local_devices:
     raise ConfigError(f'num_devices={num_devices} but only {num_local_devices} local devices')
@@ -505,63 +545,182 @@ def resolve_config(config, num_local_devices):
   return num_devices
 
 
-CHECKPOINT = 'checkpoint.pkl'
+# Fields that may differ when a run is resumed: where the data are, how many devices share
+# the batch, how often to log, and how long to train. Any other change is a different run.
+RESUMABLE_FIELDS = ('num_epochs', 'num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir')
+CHECKPOINT = 'checkpoint.npz'
 
 
-def save_checkpoint(workdir, ckpt):
-  """Written to a temporary file, then renamed: a killed run never leaves half a checkpoint."""
-  tmp = os.path.join(workdir, CHECKPOINT + '.tmp')
-  with open(tmp, 'wb') as f:
-    pickle.dump(jax.device_get(ckpt), f)
-  os.replace(tmp, os.path.join(workdir, CHECKPOINT))
+def run_config(config):
+  """The config as plain JSON data, without the fields a resumed run may change."""
+  resolved = json.loads(config.to_json())
+  return {k: v for k, v in resolved.items() if k not in RESUMABLE_FIELDS}
 
 
-def load_checkpoint(workdir):
-  path = os.path.join(workdir, CHECKPOINT)
-  if not os.path.exists(path):
-    return None
-  with open(path, 'rb') as f:
-    return pickle.load(f)
+def default_workdir(config):
+  """runs/<script>/<algorithm and its main settings>-<hash of the whole run config>."""
+  c = config
+  name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
+          f'hepcont{c.n_points}_beta{c.beta:g}'}.get(c.algorithm, c.algorithm)
+  digest = hashlib.sha1(json.dumps(run_config(c), sort_keys=True).encode()).hexdigest()[:8]
+  return os.path.join('runs', SCRIPT[:-3], f'{name}_homeo{c.homeo_coef:g}_seed{c.seed}-{digest}')
+
+
+def write_atomic(path, write):
+  """write(file) into path.tmp, flushed to disk, then renamed over path: a kill or a full disk
+  leaves the previous file intact (and no .tmp behind)."""
+  tmp = path + '.tmp'
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path, data):
+  write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + '\n').encode()))
+
+
+def differing_fields(saved, current):
+  return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
 def prepare_workdir(workdir, config):
-  """Writes config.json; a workdir from an earlier run must hold the same config."""
+  """Creates the workdir, or checks that it holds this run; returns its checkpoint (or None).
+
+  Everything that could refuse the workdir is checked here, before any compute: it must be
+  a writable folder; its config.json and its checkpoint (which carries its own config) must
+  match this run; its metrics file must be readable. Then config.json is (re)written.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is a file, not a folder')
   os.makedirs(workdir, exist_ok=True)
+  current = run_config(config)
   path = os.path.join(workdir, 'config.json')
-  resolved = json.loads(config.to_json())
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(resolved)
-                     if k != 'num_epochs' and previous.get(k) != resolved.get(k))
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      assert isinstance(saved, dict)
+    except (ValueError, AssertionError) as e:
+      raise ConfigError(f'{path} is empty or not a JSON config; restore it, or delete it to '
+                        'resume from the checkpoint (which carries its own config)') from e
+    changed = differing_fields({k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS},
+                               current)
     if changed:
       raise ConfigError(f'{workdir} holds a run with a different config ({", ".join(changed)}); '
                         'use another --workdir')
-  with open(path, 'w') as f:
-    json.dump(resolved, f, indent=2)
+  if os.path.exists(os.path.join(workdir, 'checkpoint.pkl')):
+    raise ConfigError(f'{workdir} holds checkpoint.pkl, a pickle from an older version of this '
+                      'script; it is never loaded (unpickling can run code): move it away')
+  ckpt = read_checkpoint(workdir)
+  if ckpt is not None:
+    changed = differing_fields(ckpt['config'], current)
+    if changed:
+      raise ConfigError(f'the checkpoint in {workdir} was made with a different config '
+                        f'({", ".join(changed)}); use another --workdir')
+  read_metrics(workdir, ckpt['epoch'] if ckpt else 0)  # a damaged file stops us here
+  write_json(path, json.loads(config.to_json()))  # also proves the folder is writable
+  return ckpt
+
+
+def save_checkpoint(workdir, config, epoch, state):
+  """Host arrays of `state` in an .npz (no pickle), with the epoch, the run config and every
+  leaf's path in the pytree as JSON; written atomically."""
+  paths, leaves = zip(*[(jax.tree_util.keystr(p), np.asarray(a))
+                        for p, a in jax.tree_util.tree_flatten_with_path(state)[0]])
+  meta = json.dumps({'epoch': epoch, 'config': run_config(config), 'paths': paths})
+  arrays = {f'leaf{i:05d}': a for i, a in enumerate(leaves)}
+  write_atomic(os.path.join(workdir, CHECKPOINT),
+               lambda f: np.savez(f, meta=np.asarray(meta), **arrays))
+
+
+def read_checkpoint(workdir):
+  """{'epoch', 'config', 'paths', 'leaves'} of the workdir's checkpoint, or None if it has none.
+
+  np.load with allow_pickle=False: a checkpoint from someone else's workdir cannot run code.
+  """
+  path = os.path.join(workdir, CHECKPOINT)
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      ckpt = json.loads(str(z['meta']))
+      ckpt['leaves'] = [z[f'leaf{i:05d}'] for i in range(len(ckpt['paths']))]
+    assert isinstance(ckpt['epoch'], int) and isinstance(ckpt['config'], dict)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'{path} is damaged or not a checkpoint of this script '
+                      f'({type(e).__name__}); move it away to start the run over') from e
+  return ckpt
+
+
+def restore_state(ckpt, template):
+  """The checkpoint's arrays in the pytree structure of `template`, checked leaf by leaf."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+  paths = [jax.tree_util.keystr(p) for p, _ in flat]
+  if paths != list(ckpt['paths']) or any(
+      np.shape(a) != b.shape or np.result_type(a) != b.dtype
+      for (_, a), b in zip(flat, ckpt['leaves'])):
+    raise ConfigError('the checkpoint does not hold the parameters of this network')
+  return jax.tree_util.tree_unflatten(treedef, ckpt['leaves'])
 
 
 def read_metrics(workdir, last_epoch):
-  """Metrics lines of the epochs up to `last_epoch` (later ones were not checkpointed)."""
+  """Metrics rows of the epochs up to `last_epoch` (later ones were not checkpointed)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
+    if last_epoch:
+      logging.warning('%s is missing: it will hold only the epochs from %d on', path,
+                      last_epoch + 1)
     return []
+  rows = []
   with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if r['epoch'] <= last_epoch]
+    for number, line in enumerate(f, 1):
+      try:
+        rows.append(json.loads(line))
+        assert isinstance(rows[-1]['epoch'], int)
+      except (ValueError, AssertionError, KeyError, TypeError) as e:
+        raise ConfigError(f'{path} line {number} is not a metrics row; fix or remove that '
+                          'line to resume') from e
+  rows = [r for r in rows if r['epoch'] <= last_epoch]
+  if len(rows) < last_epoch:
+    logging.warning('%s holds %d of the %d checkpointed epochs', path, len(rows), last_epoch)
+  return rows
+
+
+def json_safe(value):
+  """Non-finite floats become null: metrics.jsonl stays strict JSON."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def write_metrics(workdir, rows):
-  tmp = os.path.join(workdir, 'metrics.jsonl.tmp')
-  with open(tmp, 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in rows)
-  os.replace(tmp, os.path.join(workdir, 'metrics.jsonl'))
+  text = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in rows)
+  write_atomic(os.path.join(workdir, 'metrics.jsonl'), lambda f: f.write(text.encode()))
 
 
 def replicate(tree, num_devices):
-  """A copy per device along a new leading axis, as jax.pmap expects."""
+  """A copy per device along a new leading axis, placed as jax.pmap places its outputs.
+
+  (An uncommitted array, e.g. from jnp.broadcast_to, makes pmap compile the train step a
+  second time when its own outputs come back in.)
+  """
+  devices = jax.local_devices()[:num_devices]
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)),
+                                        jax.sharding.PartitionSpec('batch'))
   return jax.tree_util.tree_map(
-      lambda a: jnp.broadcast_to(jnp.asarray(a), (num_devices, *np.shape(a))), tree)
+      lambda a: jax.device_put(np.broadcast_to(np.asarray(a), (num_devices, *np.shape(a))),
+                               sharding), tree)
 
 
 def to_python(tree):
@@ -573,24 +732,30 @@ def to_python(tree):
 # Main loop
 # ======================================================================================
 
-def train_and_evaluate(config, workdir):
-  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics."""
+def train_and_evaluate(config, workdir=None):
+  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics.
+
+  Order of work: check the config, the workdir and the data (each bad input is one
+  ConfigError line), then compile and train. Every epoch ends with one metrics row and an
+  atomic checkpoint; a rerun with the same workdir resumes after the last checkpoint.
+  """
   num_devices = resolve_config(config, jax.local_device_count())
-  data = load_data(config)  # fails with one line before anything is compiled
+  workdir = workdir or default_workdir(config)
+  logging.info('workdir: %s', workdir)
+  ckpt = prepare_workdir(workdir, config)
+  data = load_data(config)
   num_train = len(data['train'][0])
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} training images')
-  prepare_workdir(workdir, config)
 
   optimizer = make_optimizer(config)
   params = init_params(jax.random.PRNGKey(config.seed), config)
   opt_state = optimizer.init(params)
   start_epoch, history = 1, []
-  ckpt = load_checkpoint(workdir)
   if ckpt is not None:
-    params, opt_state, start_epoch = ckpt['params'], ckpt['opt_state'], ckpt['epoch'] + 1
-    history = read_metrics(workdir, ckpt['epoch'])
+    params, opt_state = restore_state(ckpt, (params, opt_state))
+    start_epoch, history = ckpt['epoch'] + 1, read_metrics(workdir, ckpt['epoch'])
     logging.info('resuming from %s after epoch %d', workdir, ckpt['epoch'])
   params, opt_state = replicate((params, opt_state), num_devices)
 
@@ -603,13 +768,14 @@ def train_and_evaluate(config, workdir):
   # XLA:CPU runs all its devices on one shared thread pool: a device that runs ahead into
   # the next step's all-reduce can starve the others (a rendezvous deadlock on 2 cores).
   lockstep = num_devices > 1 and jax.default_backend() == 'cpu'
+  blown_up = lambda loss: not loss <= config.max_train_loss  # NaN counts as blown up
 
   for epoch in range(start_epoch, config.num_epochs + 1):
     order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
     sums, t0 = {}, time.time()
     for i in range(steps_per_epoch):
       idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-      step = (epoch - 1) * steps_per_epoch + i
+      step = np.int32((epoch - 1) * steps_per_epoch + i)
       params, opt_state, metrics = train_step(params, opt_state, step,
                                               shard(data['train'][0][idx]),
                                               shard(data['train'][1][idx]))
@@ -624,7 +790,7 @@ def train_and_evaluate(config, workdir):
         logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.1f ms/step  eta %.0fs',
                      epoch, i + 1, steps_per_epoch, recent['loss'], recent['accuracy'],
                      1e3 * elapsed / (i + 1), elapsed / (i + 1) * (steps_per_epoch - i - 1))
-        if not np.isfinite(recent['loss']):
+        if blown_up(recent['loss']):
           break
     train = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}  # (steps, devices)
     epoch_time = time.time() - t0
@@ -641,45 +807,60 @@ def train_and_evaluate(config, workdir):
       row['train_homeo_loss'] = float(train['homeo_loss'].mean())
     host_params = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], params))
     finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(host_params))
-    if not (finite_params and np.all(np.isfinite(train['loss']))):
+    if not finite_params or blown_up(row['train_loss']):
       row['diverged'] = True
       write_metrics(workdir, history + [row])
+      kept = (f'the checkpoint still holds epoch {epoch - 1}' if epoch > 1 else
+              'no checkpoint was written')
       raise FloatingPointError(
-          f'training diverged in epoch {epoch} (non-finite loss or parameters); the '
-          f'checkpoint still holds epoch {epoch - 1}. Lower the learning rate or check that '
-          'the dynamics converge.')
+          f'training diverged in epoch {epoch} (training loss {row["train_loss"]:.4g} > '
+          f'max_train_loss={config.max_train_loss:g}, or non-finite parameters); {kept}. '
+          'Lower the learning rate or check that the dynamics converge.')
     row['test_error'] = evaluate(eval_step, params, data['test'], config, num_devices)
     row.update({'diag/' + k: v for k, v in to_python(diagnostics(host_params, diag_x,
                                                                  diag_y)).items()})
-    if row.get('log10_residual', row['diag/log10_residual']) > config.max_log10_residual:
+    residual = row.get('log10_residual', row['diag/log10_residual'])
+    if not residual <= config.max_log10_residual:  # NaN is not converged
       logging.warning('epoch %d: no fixed point reached (log10 ||F|| = %.2f > %.1f); '
-                      'raise t_free or check the dynamics', epoch,
-                      row.get('log10_residual', row['diag/log10_residual']),
+                      'raise t_free or check the dynamics', epoch, residual,
                       config.max_log10_residual)
       row['converged'] = False
     history.append(row)
     write_metrics(workdir, history)
-    save_checkpoint(workdir, {'epoch': epoch, 'params': host_params,
-                              'opt_state': jax.tree_util.tree_map(lambda a: a[0], opt_state)})
+    save_checkpoint(workdir, config, epoch,
+                    (host_params, jax.device_get(jax.tree_util.tree_map(lambda a: a[0],
+                                                                        opt_state))))
     logging.info(
         'epoch %d  train loss %.4f  acc %.2f%%  test error %.2f%%  symmetry %.3f  '
         'cos %s  angle %s  log10|F| %.1f  %.1fs', epoch, row['train_loss'],
         100 * row['train_accuracy'], row['test_error'], row['diag/symmetry'],
         ' '.join(f'{c:.2f}' for c in row['diag/cosine_exact']),
-        ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']),
-        row.get('log10_residual', row['diag/log10_residual']), epoch_time)
+        ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']), residual, epoch_time)
   return history
+
+
+def one_line(error):
+  return ' '.join(str(error).replace('\\n', ' ').split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad --config (missing file, misspelt field, wrong type) as
+  one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f'{SCRIPT}: error: {one_line(e)}')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if not flags.FLAGS.workdir:
-    sys.exit('fmnist_mlp.py: error: --workdir is required')
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ConfigError, FloatingPointError) as e:
-    sys.exit(f'fmnist_mlp.py: error: {e}')
+    sys.exit(f'{SCRIPT}: error: {e}')
+  except OSError as e:  # a read-only or full disk: the files written before are intact
+    sys.exit(f'{SCRIPT}: error: cannot write the workdir: {one_line(e)}')
 
 
 if __name__ == '__main__':
@@ -687,6 +868,7 @@ if __name__ == '__main__':
   # (absl refuses a second definition of --config in one process).
   config_flags.DEFINE_config_file('config', 'configs/fmnist_mlp.py',
                                   'Experiment configuration.')
-  flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and checkpoint; '
+  flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and checkpoint '
+                      '(default: runs/<script>/<settings>-<config hash>, printed at start); '
                       'rerunning with the same workdir resumes.')
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

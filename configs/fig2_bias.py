@@ -33,12 +33,12 @@ def get_config():
   # free phase has not converged (last update > max_residual; 0 = 1e-6 in float64, 1e-4
   # in float32) are left out of every statistic and counted in the outputs.
   c.hidden_sizes = (256, 256)  # panels a, b, e, f
-  c.layer_updates = 'alternating'  # same fixed points as 'synchronous', half the cost
+  c.layer_updates = 'sequential'  # same fixed points as 'synchronous', half the cost
   c.t_free = 1000  # synchronous steps of the free phase
   c.t_nudge = 1000  # synchronous steps of each nudged phase and RBP iterations
   c.max_residual = 0.0
 
-  # Optional: the workdir of a fmnist_mlp.py training run; its checkpoint.pkl is analysed
+  # Optional: the workdir of a fmnist_mlp.py training run; its checkpoint.npz is analysed
   # as one more network state (panels a-b and c).
   c.checkpoint_dir = ''
 

@@ -27,7 +27,10 @@ def get_config():
   # connection exists, so no weight can be the transpose of another.
   c.hidden_sizes = (256, 256)
 
-  # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros.
+  # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros. T_free and T_nudge
+  # count SYNCHRONOUS steps, the paper's unit: with layer_updates='sequential' the run makes
+  # ceil(T / L) sequential steps for L layers (each updates every layer once), i.e. 50 and 7
+  # here with three layers.
   c.t_free = 150
   c.t_nudge = 20
   c.tol = 0.0  # > 0: stop a relaxation early once every sample has ||F|| < tol
@@ -43,7 +46,7 @@ def get_config():
   c.algorithm = 'hep_exact'
   c.n_points = 2  # used by 'hep' and 'hep_continuous'
   c.beta = 0.05
-  c.continuous_steps_per_point = 60
+  c.continuous_steps_per_point = 60  # synchronous steps per beta value
   c.continuous_periods = 5
 
   # Jacobian homeostasis (Eq. 12): lambda (0.1 in Fig. 4e-h; 0 is the comparison run) and
@@ -65,4 +68,7 @@ def get_config():
   c.diag_jacobian_samples = 10  # dense Jacobians for the symmetry measure
   c.log_every_steps = 300  # progress line within an epoch (0 = none)
   c.max_log10_residual = -2.0  # warn when log10 ||F|| after the free phase exceeds this
+  # Stop as diverged when an epoch's mean training loss exceeds this (chance: ln 10 = 2.3),
+  # as when the loss or the parameters become NaN; the last good checkpoint is kept.
+  c.max_train_loss = 10.0
   return c

@@ -26,14 +26,16 @@ def get_config():
   c.hidden_sizes = (256, 256)
   c.alpha = 0.0
 
-  # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros.
+  # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros. T_free and T_nudge
+  # count SYNCHRONOUS steps, the paper's unit: with layer_updates='sequential' the run makes
+  # ceil(T / 2) sequential steps (each updates every layer once), i.e. 75 and 10 here.
   c.t_free = 150
   c.t_nudge = 20
   c.tol = 0.0  # > 0: stop a relaxation early once every sample has ||F|| < tol
-  # 'alternating' updates odd then even layers: the same fixed points and, in the free
-  # phase, exactly one of the synchronous dynamics' two chains, at half the cost.
+  # 'sequential' updates odd then even layers: the same fixed points and, in the free phase,
+  # exactly one of the synchronous dynamics' two chains, at half the cost.
   # 'synchronous' updates every layer at once, as in App. D.2 and the authors' code.
-  c.layer_updates = 'alternating'
+  c.layer_updates = 'sequential'
 
   # Gradient estimator: 'hep' (Cauchy, N points, |beta|; N=0 means exact, N=1 classic EP),
   # 'hep_exact' (forward-mode d_beta s*), 'hep_continuous' (Eqs. 8-9, no free phase),
@@ -41,7 +43,7 @@ def get_config():
   c.algorithm = 'hep'
   c.n_points = 2
   c.beta = 0.05
-  c.continuous_steps_per_point = 60
+  c.continuous_steps_per_point = 60  # synchronous steps per beta value
   c.continuous_periods = 5
 
   # Jacobian homeostasis (Eq. 12): lambda and the number of Gaussian draws per sample.
@@ -62,4 +64,7 @@ def get_config():
   c.diag_jacobian_samples = 10  # dense Jacobians for the symmetry measure
   c.log_every_steps = 300  # progress line within an epoch (0 = none)
   c.max_log10_residual = -2.0  # warn when log10 ||F|| after the free phase exceeds this
+  # Stop as diverged when an epoch's mean training loss exceeds this (chance: ln 10 = 2.3),
+  # as when the loss or the parameters become NaN; the last good checkpoint is kept.
+  c.max_train_loss = 10.0
   return c

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 import common
+import reference as dense_ref
 import fmnist_mlp as m
 from tiny import BATCH, dense, exact_and_rbp, free_fixed_point, sample, tie, tiny_mlp
 
 
 # ------------------------------------------------------------------------ fixed point
 
-@pytest.mark.parametrize('layer_updates', ['synchronous', 'alternating'])
+@pytest.mark.parametrize('layer_updates', ['synchronous', 'sequential'])
 def test_relaxation_reaches_a_fixed_point_and_matches_a_python_loop(layer_updates):
   config, params, x, _ = tiny_mlp(layer_updates=layer_updates)
   x_drive = m.input_drive(params, x)
@@ -45,12 +46,12 @@ def test_early_stopping_stops_at_the_tolerance():
   assert -5 <= float(early) < -4 and float(full) < -10
 
 
-def test_alternating_updates_follow_one_chain_of_the_synchronous_dynamics_exactly():
-  """k alternating steps == the synchronous trajectory's odd layers at 2k-1, even at 2k."""
+def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly():
+  """k sequential steps == the synchronous trajectory's odd layers at 2k-1, even at 2k."""
   config, params, x, labels = tiny_mlp(hidden=(6, 5, 4))
   x_drive = m.input_drive(params, x)
   sync = m.make_step(config, params, x_drive)
-  config.layer_updates = 'alternating'
+  config.layer_updates = 'sequential'
   alt = m.make_step(config, params, x_drive)
   trajectory = [m.zeros_state(config, BATCH)]
   for _ in range(12):
@@ -66,29 +67,31 @@ def test_alternating_updates_follow_one_chain_of_the_synchronous_dynamics_exactl
 
 # ---------------------------------------------------------------- d_beta s* estimators
 
-def test_exact_dbeta_equals_the_dense_solve():
-  config, params, x, labels = tiny_mlp()
+@pytest.mark.parametrize('layer_updates', ['synchronous', 'sequential'])
+def test_exact_dbeta_equals_the_dense_solve(layer_updates):
+  """Both update orders, 'sequential' (the default chain) included, give (I - DK)^{-1} D g."""
+  config, params, x, labels = tiny_mlp(layer_updates=layer_updates)
   u_free = free_fixed_point(config, params, x)
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
   exact = common.exact_dbeta(relax)
   for i in range(BATCH):
     k, d, g = dense(config, params, x, labels, u_free, i)
-    reference = common.dbeta_s_dense(k, d, g)
+    reference = dense_ref.dbeta_s_dense(k, d, g)
     np.testing.assert_allclose(sample(exact, i), reference, rtol=1e-9, atol=1e-12)
     assert np.linalg.norm(reference) > 1e-3
 
 
-@pytest.mark.parametrize('layer_updates', ['synchronous', 'alternating'])
+@pytest.mark.parametrize('layer_updates', ['synchronous', 'sequential'])
 def test_cauchy_estimate_converges_with_n_as_predicted(layer_updates):
   config, params, x, labels = tiny_mlp(layer_updates=layer_updates)
   u_free = free_fixed_point(config, params, x)
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
-  exact = common.flatten(common.exact_dbeta(relax))
+  exact = dense_ref.flatten(common.exact_dbeta(relax))
   s0 = m.activate(u_free)
 
   @functools.lru_cache(maxsize=None)
   def estimator(n):
-    return jax.jit(lambda beta: common.flatten(common.cauchy_estimate(relax, s0, beta, n)))
+    return jax.jit(lambda beta: dense_ref.flatten(common.cauchy_estimate(relax, s0, beta, n)))
 
   def error(n, beta):
     estimate = estimator(n)(beta)
@@ -122,13 +125,35 @@ def test_cauchy_with_one_point_is_classic_ep_and_two_points_the_symmetric_differ
                                atol=1e-12)
 
 
-def test_cauchy_points_use_conjugate_symmetry():
-  for n, relaxed in ((1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (6, 4)):
-    betas, phases, weights = common.cauchy_points(0.5, n)
-    assert len(betas) == relaxed == math.ceil((n + 1) / 2)
-    assert np.isclose(weights.sum(), n)  # every point on the circle counted once
-    np.testing.assert_allclose(betas, 0.5 * phases, atol=1e-7)
-    assert (np.iscomplexobj(betas)) == (n >= 3)
+def test_cauchy_points_are_the_upper_half_of_the_circle_written_out():
+  """The relaxed points and their weights, against the circle written out by hand."""
+  r = 0.5
+  w = lambda k, n: r * complex(math.cos(2 * math.pi * k / n), math.sin(2 * math.pi * k / n))
+  expected = {1: ([r], [1]), 2: ([r, -r], [1, 1]), 3: ([r, w(1, 3)], [1, 2]),
+              4: ([r, 0.5j, -r], [1, 2, 1]), 5: ([r, w(1, 5), w(2, 5)], [1, 2, 2]),
+              6: ([r, w(1, 6), w(2, 6), -r], [1, 2, 2, 1])}
+  for n, (betas, weights) in expected.items():
+    got_betas, _, got_weights = common.cauchy_points(r, n)
+    np.testing.assert_allclose(got_betas, betas, atol=1e-12)
+    np.testing.assert_array_equal(got_weights, weights)
+    assert np.iscomplexobj(got_betas) == (n >= 3)
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 5, 6])
+def test_cauchy_estimate_equals_the_full_circle_sum(n):
+  """Eq. 22 over ALL N points (no conjugate symmetry), for a holomorphic s*(beta) known in
+  closed form: exp(c beta). Also the bias bound: |estimate - c| <= |c r|^N c / (N+1)! * e."""
+  c, r = jnp.asarray([0.7, -1.3, 2.1]), 0.3
+  relax = lambda beta: {'s': jnp.exp(c * beta)[None]}  # one "sample" with three units
+  estimate = common.cauchy_estimate(relax, relax(0.0), r, n)['s'][0]
+  circle = sum(np.exp(np.asarray(c) * r * np.exp(2j * np.pi * k / n)) *
+               np.exp(-2j * np.pi * k / n) for k in range(n)) / (n * r)
+  if n == 1:  # the one-sided EP estimate subtracts s*(0)
+    circle = (np.exp(np.asarray(c) * r) - 1) / r
+  np.testing.assert_allclose(estimate, circle.real, rtol=1e-12, atol=1e-14)
+  bound = np.abs(np.asarray(c)) ** (n + 1) * r ** n / math.factorial(n + 1) * np.e
+  assert np.all(np.abs(np.asarray(estimate) - np.asarray(c)) <= bound)
+  assert np.all(np.abs(np.asarray(estimate) - np.asarray(c)) > 1e-3 * bound)  # bias is real
 
 
 def test_continuous_time_estimate_converges_to_the_cauchy_estimate():
@@ -137,18 +162,18 @@ def test_continuous_time_estimate_converges_to_the_cauchy_estimate():
   u_free = free_fixed_point(config, params, x)
   relax = m.nudged_relaxation(config, params, x_drive, labels, u_free)
   beta, n = 0.5, 4
-  cauchy = common.flatten(common.cauchy_estimate(relax, m.activate(u_free), beta, n))
+  cauchy = dense_ref.flatten(common.cauchy_estimate(relax, m.activate(u_free), beta, n))
   # Eq. 9's limit for N points: the mean over the circle, s*_0 + O(|beta|^N).
   circle = [relax(jnp.asarray(beta * np.exp(2j * np.pi * k / n))) for k in range(n)]
-  s_mean = common.flatten(jax.tree_util.tree_map(lambda *a: sum(a).real / n, *circle))
-  assert float(jnp.linalg.norm(s_mean - common.flatten(m.activate(u_free)))) < 1e-2
+  s_mean = dense_ref.flatten(jax.tree_util.tree_map(lambda *a: sum(a).real / n, *circle))
+  assert float(jnp.linalg.norm(s_mean - dense_ref.flatten(m.activate(u_free)))) < 1e-2
   step = m.make_step(config, params, x_drive, labels)
 
   def errors(steps_per_point, periods):
     s_bar, e_bar = common.continuous_time_estimate(
         step, m.zeros_state(config, BATCH), m.activate, beta, n, steps_per_point, periods)
-    return (float(jnp.linalg.norm(common.flatten(e_bar) - cauchy) / jnp.linalg.norm(cauchy)),
-            float(jnp.linalg.norm(common.flatten(s_bar) - s_mean) / jnp.linalg.norm(s_mean)))
+    return (float(jnp.linalg.norm(dense_ref.flatten(e_bar) - cauchy) / jnp.linalg.norm(cauchy)),
+            float(jnp.linalg.norm(dense_ref.flatten(s_bar) - s_mean) / jnp.linalg.norm(s_mean)))
 
   # Two errors: the transient from zeros, which fades like 1 / periods, and the lag of the
   # state behind each switch of beta, which fades like 1 / steps_per_point (Eq. 7 assumes
@@ -178,7 +203,7 @@ def test_untied_weights_obey_the_exact_form_of_eq_10():
   u_free, exact, delta = exact_and_rbp(config, params, x, labels)
   for i in range(BATCH):
     k, d, g = dense(config, params, x, labels, u_free, i)
-    np.testing.assert_allclose(sample(delta, i), common.rbp_delta_dense(k, d, g), rtol=1e-9,
+    np.testing.assert_allclose(sample(delta, i), dense_ref.rbp_delta_dense(k, d, g), rtol=1e-9,
                                atol=1e-12)
     n = len(k)
     predicted = jnp.linalg.solve(jnp.eye(n) - d[:, None] * k,
@@ -216,7 +241,7 @@ def test_rbp_gradient_equals_the_implicit_function_gradient():
   rbp = m.network_grads(params, x, m.activate(u_free), delta)
   # Reference 1: Eq. 4 with a dense solve per sample, through the same parameter VJP.
   dense_delta = [dense(config, params, x, labels, u_free, i) for i in range(BATCH)]
-  dense_delta = np.stack([common.rbp_delta_dense(*q) for q in dense_delta])
+  dense_delta = np.stack([dense_ref.rbp_delta_dense(*q) for q in dense_delta])
   splits = np.cumsum(config.hidden_sizes)
   dense_delta = tuple(jnp.asarray(a) for a in np.split(dense_delta, splits, axis=1))
   _assert_trees_close(rbp, m.network_grads(params, x, m.activate(u_free), dense_delta), 1e-9)
@@ -241,7 +266,7 @@ def test_hep_gradient_differs_from_the_true_one_only_through_asymmetry():
     assert float(jnp.vdot(hep_w, true_w)) > 0
 
 
-@pytest.mark.parametrize('layer_updates', ['synchronous', 'alternating'])
+@pytest.mark.parametrize('layer_updates', ['synchronous', 'sequential'])
 def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
   config, params, x, labels = tiny_mlp(alpha=70.0, layer_updates=layer_updates, t_nudge=3)
   x_drive = m.input_drive(params, x)
@@ -331,3 +356,99 @@ def test_mlp_jacobian_is_the_weights_so_homeostasis_is_weight_alignment():
   n = len(k0)
   assert common.homeostatic_loss_exact(k0 - jnp.eye(n)) == pytest.approx(alignment / n,
                                                                           rel=1e-12)
+
+
+# ------------------------------------------- continuous time, hold-end sampling (Table 1)
+# common.hold_end_estimate: no free phase, beta(t) held steps_per_point steps at each of the
+# N points, only the state at the end of each hold averaged (the authors' "cont." runs).
+
+_HOLD_STEPS, _HOLD_PERIODS = 300, 2  # 300 steps per point equilibrate the tiny network
+
+
+@functools.lru_cache(maxsize=None)
+def _hold_end_setup(layer_updates):
+  """(config, params, x, labels, u_free, step, jitted (beta, N) -> (u_bar, e_bar))."""
+  config, params, x, labels = tiny_mlp(layer_updates=layer_updates)
+  x_drive = m.input_drive(params, x)
+  u_free = free_fixed_point(config, params, x)
+  step = m.make_step(config, params, x_drive, labels)
+  u0 = m.zeros_state(config, BATCH)
+  estimate = jax.jit(
+      lambda beta, n: common.hold_end_estimate(step, u0, m.activate, beta, n, _HOLD_STEPS,
+                                               _HOLD_PERIODS), static_argnums=1)
+  return config, params, x, labels, u_free, step, estimate
+
+
+def _rel(a, b):
+  """||a - b|| / ||b|| over all leaves of two pytrees."""
+  a, b = jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0]
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize('layer_updates', ['synchronous', 'sequential'])
+def test_hold_end_estimate_equals_the_n_point_cauchy_estimate(layer_updates):
+  """Equilibrated holds: e_bar IS Eq. 22 at the free fixed point, u_bar the mean of u*(beta_k)."""
+  config, params, x, labels, u_free, step, estimate = _hold_end_setup(layer_updates)
+  relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
+  s0 = m.activate(u_free)
+  # The nudged fixed points u*(beta), relaxed separately from u_free (pre-activation).
+  nudged = jax.jit(lambda b: common.fixed_point(
+      lambda u: step(u, b), tuple(a.astype(jnp.complex128) for a in u_free), 400)[0])
+  for n in (2, 3, 4):
+    u_bar, e_bar = estimate(0.5, n)
+    assert all(a.dtype == jnp.float64 for a in (*u_bar, *e_bar))
+    cauchy = common.cauchy_estimate(relax, s0, 0.5, n)
+    assert _rel(e_bar, cauchy) < 1e-8, (n, _rel(e_bar, cauchy))
+    circle = [nudged(b) for b in 0.5 * np.exp(2j * np.pi * np.arange(n) / n)]
+    circle_mean = tuple(sum(u[l] for u in circle).real / n for l in range(len(u_free)))
+    assert _rel(u_bar, circle_mean) < 1e-10, (n, _rel(u_bar, circle_mean))
+
+
+def test_hold_end_u_bar_is_the_free_fixed_point_up_to_order_beta_to_the_n():
+  """u_bar - u* = O(|beta|^N) (discrete mean value property); averaging every step instead
+  (common.continuous_time_estimate, a literal Eq. 8-9) keeps the transient and the lags."""
+  config, params, x, labels, u_free, step, estimate = _hold_end_setup('synchronous')
+  for n in (2, 4):
+    ratio = _rel(estimate(0.4, n)[0], u_free) / _rel(estimate(0.2, n)[0], u_free)
+    assert 2 ** n * 0.6 < ratio < 2 ** n * 1.6, (n, ratio)
+  # Same schedule (N = 4, |beta| = 0.2), averaged every step from t = 0: the transient from
+  # zeros and the lag after each switch stay in the average (seen: 1.4e-5 vs 1.2e-3).
+  s0 = m.activate(u_free)
+  u_bar, _ = estimate(0.2, 4)
+  s_every, _ = common.continuous_time_estimate(step, m.zeros_state(config, BATCH), m.activate,
+                                               0.2, 4, _HOLD_STEPS, _HOLD_PERIODS)
+  hold_error, every_error = _rel(m.activate(u_bar), s0), _rel(s_every, s0)
+  assert hold_error < 1e-4 and hold_error < 0.05 * every_error, (hold_error, every_error)
+
+
+def test_hold_end_estimate_is_d_beta_s_star_for_a_small_nudge():
+  """Sign and factor: small |beta| gives the exact d_beta s*, and the same gradient."""
+  config, params, x, labels, u_free, _, estimate = _hold_end_setup('synchronous')
+  relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
+  exact = common.exact_dbeta(relax)
+  true_grads = m.network_grads(params, x, m.activate(u_free), exact)
+  for n in (2, 4):
+    u_bar, e_bar = estimate(1e-3, n)
+    assert _rel(e_bar, exact) < 1e-5, (n, _rel(e_bar, exact))
+    # What the training scripts do with it: the VJP of the drive at sigma(u_bar).
+    grads = m.network_grads(params, x, m.activate(u_bar), e_bar)
+    assert _rel(grads, true_grads) < 1e-5, (n, _rel(grads, true_grads))
+  with pytest.raises(ValueError, match='N >= 2'):
+    common.hold_end_estimate(None, u_free, m.activate, 0.5, 1, 10, 1)
+
+
+# -------------------------------------------------------------------------- cosine
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('scale', [1e-8, 1e8])
+def test_per_sample_cosine_is_scale_invariant(dtype, scale):
+  rng = np.random.default_rng(0)
+  a = (rng.normal(size=(5, 300)).astype(dtype), rng.normal(size=(5, 7, 3)).astype(dtype))
+  b = tuple(v + 0.7 * rng.normal(size=v.shape).astype(dtype) for v in a)
+  b = (b[0], -b[1])  # some cosines of each sign
+  base = np.asarray(common.per_sample_cosine(a, b))
+  assert np.all(np.abs(base) > 0.05) and np.all(np.abs(base) < 0.99)
+  scaled = common.per_sample_cosine(tuple(dtype(scale) * v for v in a),
+                                    tuple(dtype(scale) * v for v in b))
+  assert scaled.dtype == dtype
+  np.testing.assert_allclose(np.asarray(scaled), base, atol=1e-6 if dtype == np.float32 else 1e-13)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import common
+import reference as dense_ref
 import fmnist_feedback as m
 from configs import fmnist_feedback as feedback_config
 import scripts
@@ -58,15 +59,15 @@ def dense(params, x, labels, u_free):
     s_i = m.activate(u_i)
     k = common.flat_jacobian(lambda s: m.drives(params, s, x_drive[None]), s_i)
     ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
-    d = common.flatten(jax.jvp(m.activate, (u_i,), (ones,))[1])
-    g = common.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
+    d = dense_ref.flatten(jax.jvp(m.activate, (u_i,), (ones,))[1])
+    g = dense_ref.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
                         m.loss_grad_s(params, s_i[-1], label[None])))
     return k, d, g
   return jax.vmap(one)(m.input_drive(params, x), u_free, labels)
 
 
 def sample(tree, i):
-  return np.asarray(common.flatten(tuple(a[i] for a in tree)))
+  return np.asarray(dense_ref.flatten(tuple(a[i] for a in tree)))
 
 
 def stack_layers(config, vectors):
@@ -171,7 +172,7 @@ def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
     field = common.tree_sub(m.drives(params, m.activate(u_free), x_drive), u_free)
     assert np.max(np.sqrt(common.per_sample_sq_norm(field))) < 1e-10
     nudged = m.nudged_relaxation(config, params, x_drive, labels, u_free)(jnp.asarray(0.3))
-    states[order] = (common.flatten(m.activate(u_free)), common.flatten(nudged))
+    states[order] = (dense_ref.flatten(m.activate(u_free)), dense_ref.flatten(nudged))
   for a, b in zip(states['synchronous'], states['sequential']):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   free, nudged = states['sequential']
@@ -187,7 +188,7 @@ def test_exact_dbeta_equals_the_dense_solve(layer_updates):
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
   exact = common.exact_dbeta(relax)
   for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
-    reference = common.dbeta_s_dense(k, d, g)
+    reference = dense_ref.dbeta_s_dense(k, d, g)
     np.testing.assert_allclose(sample(exact, i), reference, rtol=1e-9, atol=1e-12)
     assert np.linalg.norm(reference[:11]) > 1e-3  # the error reaches the hidden layers
 
@@ -212,7 +213,7 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
   exact = common.exact_dbeta(m.nudged_relaxation(config, params, x_drive, labels, u_free))
   dense_delta = []
   for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
-    dense_delta.append(common.rbp_delta_dense(k, d, g))
+    dense_delta.append(dense_ref.rbp_delta_dense(k, d, g))
     np.testing.assert_allclose(sample(delta, i), dense_delta[-1], rtol=1e-9, atol=1e-12)
     # Exact form of Eq. 10: d_beta s* = (I - DK)^{-1} (I - DK^T) delta ...
     n = len(k)
@@ -236,9 +237,9 @@ def test_every_algorithm_gives_its_reference_gradient():
   s_free = m.activate(u_free)
   vectors = dense(params, x, labels, u_free)
   true = m.network_grads(params, x, s_free, stack_layers(
-      config, jax.vmap(common.rbp_delta_dense)(*vectors)))
+      config, jax.vmap(dense_ref.rbp_delta_dense)(*vectors)))
   hep = m.network_grads(params, x, s_free, stack_layers(
-      config, jax.vmap(common.dbeta_s_dense)(*vectors)))
+      config, jax.vmap(dense_ref.dbeta_s_dense)(*vectors)))
   readout = jax.grad(lambda p: m.readout_loss(p, s_free[-1], labels)[0])(params)['readout']
 
   def grads(layer_updates='sequential', **overrides):
@@ -334,7 +335,7 @@ def test_cli_reports_bad_input_before_compiling(tmp_path):
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith(
       'fmnist_feedback.py: error: unknown layer_updates')
-  assert not os.path.exists(tmp_path / 'checkpoint.pkl')
+  assert not os.path.exists(tmp_path / 'checkpoint.npz')
 
 
 # ----------------------------------------------------------------- end to end
@@ -362,7 +363,7 @@ def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path)
   assert row['diag/weight_angle'] is None  # undefined here, never a number
   assert len(row['diag/cosine_exact']) == 3 and 0.5 < row['diag/symmetry'] < 1
   assert 'diag/cosine_estimate' not in row  # hep_exact has no estimate besides the exact one
-  assert os.path.exists(os.path.join(workdir, 'checkpoint.pkl'))
+  assert os.path.exists(os.path.join(workdir, 'checkpoint.npz'))
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   assert saved['hidden_sizes'] == [32, 16] and saved['algorithm'] == 'hep_exact'

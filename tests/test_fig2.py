@@ -6,7 +6,6 @@ run is a subprocess on small IDX files.
 """
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -16,9 +15,11 @@ import numpy as np
 import pytest
 
 import common
+import reference as dense_ref
 import fig2_bias
 import fmnist_mlp as m
 from configs import fig2_bias as fig2_config
+from configs import fmnist_mlp as mlp_config
 from scripts import ROOT, write_fashion_mnist_lookalike
 from tiny import BATCH, dense, free_fixed_point, sample, tie, tiny_mlp
 
@@ -93,8 +94,8 @@ def test_sweep_at_tiny_beta_matches_the_exact_cosine_from_dense_solves():
   splits = np.cumsum(config.hidden_sizes)
   for i in range(BATCH):
     k, d, g = dense(config, params, x, labels, u_free, i)
-    ref_exact = np.split(np.asarray(common.dbeta_s_dense(k, d, g)), splits)
-    ref_delta = np.split(np.asarray(common.rbp_delta_dense(k, d, g)), splits)
+    ref_exact = np.split(np.asarray(dense_ref.dbeta_s_dense(k, d, g)), splits)
+    ref_delta = np.split(np.asarray(dense_ref.rbp_delta_dense(k, d, g)), splits)
     reference = [numpy_cosine(a, b) for a, b in zip(ref_exact, ref_delta)]
     reference.append(numpy_cosine(np.concatenate(ref_exact), np.concatenate(ref_delta)))
     np.testing.assert_allclose(out['exact'][i], reference, atol=1e-9)
@@ -126,7 +127,7 @@ def test_tied_sweep_gives_cosine_one_for_every_n_of_at_least_two():
 # ----------------------------------------------------------------- Fig. 2e-f continuous
 
 def test_continuous_trajectory_records_the_running_estimates_of_common():
-  config, params, x, labels = tiny_mlp(alpha=70.0, layer_updates='alternating')
+  config, params, x, labels = tiny_mlp(alpha=70.0, layer_updates='sequential')
   x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
   s_free = m.activate(u_free)
@@ -172,7 +173,7 @@ def test_continuous_trajectory_records_the_running_estimates_of_common():
     (dict(batch_size=0), 'batch_size must be >= 1'),
     (dict(trace_sample=200), 'trace_sample'),
     (dict(layer_updates='random'), 'unknown layer_updates'),
-    (dict(checkpoint_dir='/nonexistent'), 'no checkpoint.pkl'),
+    (dict(checkpoint_dir='/nonexistent'), 'no checkpoint.npz'),
     (dict(sweep_alphas=()), 'nothing to sweep'),
 ])
 def test_bad_config_is_a_one_line_error(overrides, message):
@@ -184,8 +185,12 @@ def test_bad_config_is_a_one_line_error(overrides, message):
 
 
 def test_a_checkpoint_of_another_network_is_a_one_line_error(tmp_path):
-  with open(tmp_path / 'checkpoint.pkl', 'wb') as f:
-    pickle.dump({'epoch': 1, 'params': {'forward': [{'w': np.zeros((784, 8))}]}}, f)
+  net = mlp_config.get_config()
+  net.hidden_sizes = (8,)
+  params = m.init_params(jax.random.PRNGKey(0), net)
+  state = (params, m.make_optimizer(net).init(params))
+  net.hidden_sizes = (8, 8)  # the recorded config does not match the arrays
+  m.save_checkpoint(str(tmp_path), net, 1, jax.device_get(state))
   config = fig2_config.get_config()
   config.checkpoint_dir = str(tmp_path)
   with pytest.raises(fig2_bias.ConfigError, match='does not hold fmnist_mlp.py MLP parameters'):
@@ -223,9 +228,9 @@ def test_smoke_run_writes_every_output(tmp_path):
   run_dir = tmp_path / 'train_run'
   run_dir.mkdir()
   net = fig2_bias.network_config(fig2_config.get_config(), (8, 8), alpha=45.0)
-  with open(run_dir / 'checkpoint.pkl', 'wb') as f:
-    pickle.dump({'epoch': 3, 'params': jax.device_get(m.init_params(jax.random.PRNGKey(1), net)),
-                 'opt_state': None}, f)
+  params = m.init_params(jax.random.PRNGKey(1), net)
+  m.save_checkpoint(str(run_dir), net, 3,
+                    jax.device_get((params, m.make_optimizer(net).init(params))))
   workdir = tmp_path / 'out'
   args = [f'--workdir={workdir}', f'--config.data_dir={data}', '--config.batch_size=6',
           '--config.hidden_sizes=(8,8)', '--config.t_free=300', '--config.t_nudge=300',

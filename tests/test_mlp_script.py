@@ -94,7 +94,7 @@ def test_cli_reports_bad_input_before_compiling(tmp_path):
   assert out.stderr.strip().splitlines()[-1].startswith('fmnist_mlp.py: error: n_points')
   out = run_script([f'--workdir={tmp_path}', f'--config.data_dir={tmp_path}/none'])
   assert out.returncode == 1 and 'IDX files missing' in out.stderr
-  assert not os.path.exists(tmp_path / 'checkpoint.pkl')
+  assert not os.path.exists(tmp_path / 'checkpoint.npz')
 
 
 # ----------------------------------------------------------------- training runs
@@ -144,7 +144,7 @@ def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path)
               'diag/symmetry', 'diag/cosine_exact', 'diag/cosine_estimate',
               'diag/weight_angle', 'diag/homeo_loss', 'diag/homeo_loss_exact'):
     assert key in rows[0], key
-  assert os.path.exists(os.path.join(workdir, 'checkpoint.pkl'))
+  assert os.path.exists(os.path.join(workdir, 'checkpoint.npz'))
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['hidden_sizes'] == [32, 16]
 
@@ -215,4 +215,4 @@ def test_divergence_is_reported(idx_dir, tmp_path):
   assert out.returncode == 1
   assert 'diverged in epoch 1' in out.stderr.strip().splitlines()[-1]
   assert read_rows(str(tmp_path))[0]['diverged'] and not os.path.exists(
-      tmp_path / 'checkpoint.pkl')
+      tmp_path / 'checkpoint.npz')

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
+import reference as dense_ref
 import fmnist_mlp
 from configs import fmnist_mlp as mlp_config
 
@@ -61,11 +62,11 @@ def dense(config, params, x, labels, u_free, i):
   s_i = fmnist_mlp.activate(u_i)
   k = common.flat_jacobian(lambda s: fmnist_mlp.drives(params, s, x_drive), s_i)
   ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
-  d = common.flatten(jax.jvp(fmnist_mlp.activate, (u_i,), (ones,))[1])
-  g = common.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
+  d = dense_ref.flatten(jax.jvp(fmnist_mlp.activate, (u_i,), (ones,))[1])
+  g = dense_ref.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
                       fmnist_mlp.loss_grad_s(params, s_i[-1], labels[i:i + 1])))
   return k, d, g
 
 
 def sample(tree, i):
-  return np.asarray(common.flatten(tuple(a[i] for a in tree)))
+  return np.asarray(dense_ref.flatten(tuple(a[i] for a in tree)))
