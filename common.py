@@ -296,6 +296,21 @@ def rbp_delta(step, u_star, dl_du, num_steps):
   return jax.lax.fori_loop(0, num_steps, lambda _, d: tree_add(vjp(d)[0], dl_du), zeros)
 
 
+def drop_non_finite_samples(error):
+  """Zero the error vector of every sample with a non-finite entry; returns (error, count).
+
+  With N >= 3 points at a large |beta| a sample's complex relaxation can leave the region
+  where s*(beta) is holomorphic and return NaN or inf. Such a sample contributes nothing to
+  the batch's gradient (as in the authors' code); the count is reported, never hidden.
+  """
+  leaves = jax.tree_util.tree_leaves(error)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+                              for x in leaves]), axis=0)
+  error = tree_map(lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0),
+                   error)
+  return error, jnp.sum(~finite)
+
+
 # ---------------------------------------------------------------------- homeostatic loss
 
 def homeostatic_loss(drive, s, noise):

@@ -103,17 +103,23 @@ def load_idx(folder):
 
 
 def load_tfds(data_dir):
-  """Fashion-MNIST from a prepared TFDS data_dir (no download attempt: see load_data)."""
+  """Fashion-MNIST from a TFDS data_dir prepared in a random-access format (array_record).
+
+  No download is attempted (download=False): without the prepared files this fails at once
+  with one line instead of retrying downloads for minutes on a machine without internet.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir or None)
-  if not builder.is_prepared():
-    raise ConfigError(
-        f'TFDS fashion_mnist is not prepared in {builder.data_dir}: install the Debian package '
-        'dataset-fashion-mnist or point --config.data_dir at the four IDX .gz files (or, with '
-        'internet and tensorflow, run tfds.builder("fashion_mnist").download_and_prepare())')
   out = {}
   for split in ('train', 'test'):
-    source = tfds.data_source('fashion_mnist', split=split, data_dir=data_dir or None)
+    try:
+      source = tfds.data_source('fashion_mnist', split=split, data_dir=data_dir or None,
+                                download=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(
+          'TFDS fashion_mnist is not prepared (as array_record) in '
+          f'{data_dir or "the default TFDS data_dir"}: install the Debian package '
+          'dataset-fashion-mnist or point --config.data_dir at the four IDX .gz files '
+          f'[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}]') from e
     examples = [source[i] for i in range(len(source))]
     x = np.stack([np.asarray(e['image'], np.uint8).reshape(-1) for e in examples])
     out[split] = (x, np.asarray([e['label'] for e in examples], np.int32))
@@ -286,11 +292,20 @@ def nudged_relaxation(config, params, x_drive, labels, u_free):
 
 
 def continuous_estimate(config, params, x_drive, labels):
-  """(s_bar, e_bar) of continuous-time hEP (Eqs. 8-9): no free phase, starts from zeros."""
-  return common.continuous_time_estimate(
-      make_step(config, params, x_drive, labels), zeros_state(config, x_drive.shape[0]),
-      activate, config.beta, config.n_points,
-      steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
+  """(s_bar, e_bar) of continuous-time hEP (Eqs. 8-9): no free phase, starts from zeros.
+
+  config.continuous_average picks the discretisation: 'hold_end' (the authors' Table 1
+  runs: the state at the end of each hold of beta, averaged in u, s_bar = sigma(u_bar)) or
+  'every_step' (Eq. 8 literally: every step's s averaged from t = 0).
+  """
+  step = make_step(config, params, x_drive, labels)
+  u0 = zeros_state(config, x_drive.shape[0])
+  args = (activate, config.beta, config.n_points,
+          steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
+  if config.continuous_average == 'hold_end':
+    u_bar, e_bar = common.hold_end_estimate(step, u0, *args)
+    return activate(u_bar), e_bar
+  return common.continuous_time_estimate(step, u0, *args)
 
 
 def rbp_error(config, params, x_drive, labels, u_free):
@@ -308,9 +323,14 @@ def rbp_error(config, params, x_drive, labels, u_free):
 
 
 def network_grads(params, x, s_free, error):
-  """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6)."""
+  """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6).
+
+  Returns (grads, number of samples dropped): a sample whose error vector is not finite
+  contributes nothing (common.drop_non_finite_samples).
+  """
+  error, dropped = common.drop_non_finite_samples(error)
   _, vjp = jax.vjp(lambda p: drives(p, s_free, input_drive(p, x)), params)
-  return jax.tree_util.tree_map(lambda g: g / x.shape[0], vjp(error)[0])
+  return jax.tree_util.tree_map(lambda g: g / x.shape[0], vjp(error)[0]), dropped
 
 
 def bptt_grads(config, params, x, labels, u_free):
@@ -358,19 +378,20 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   if config.algorithm == 'hep_continuous':
     # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
     s_free, error = continuous_estimate(config, params, x_drive, labels)
-    grads = network_grads(params, x, s_free, error)
+    grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
   else:
     u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
     if config.algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
       error = common.cauchy_estimate(relax, s_free, config.beta, config.n_points)
-      grads = network_grads(params, x, s_free, error)
+      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
     elif config.algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
-      grads = network_grads(params, x, s_free, common.exact_dbeta(relax))
+      grads, metrics['dropped_samples'] = network_grads(params, x, s_free,
+                                                        common.exact_dbeta(relax))
     elif config.algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
-      grads = network_grads(params, x, s_free,
-                            rbp_error(config, params, x_drive, labels, u_free))
+      error = rbp_error(config, params, x_drive, labels, u_free)
+      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
     else:  # 'bptt': backpropagation through T_nudge steps from the free fixed point
       grads = bptt_grads(config, params, x, labels, u_free)
 
@@ -524,6 +545,7 @@ def resolve_config(config, num_local_devices):
   check_choice(c, 'layer_updates', ('sequential', 'synchronous'))
   check_choice(c, 'algorithm', ALGORITHMS)
   check_choice(c, 'optimizer', ('sgd', 'adam'))
+  check_choice(c, 'continuous_average', ('hold_end', 'every_step'))
   sizes = c.hidden_sizes
   if not isinstance(sizes, (tuple, list)) or not sizes or not all(
       isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
@@ -803,9 +825,11 @@ def train_and_evaluate(config, workdir=None):
         recent = {k: float(np.mean(jax.device_get(v[-config.log_every_steps:])))
                   for k, v in sums.items()}
         elapsed = time.time() - t0
-        logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.1f ms/step  eta %.0fs',
+        dropped = int(np.sum(jax.device_get(sums.get('dropped_samples', [0]))))
+        logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.1f ms/step  eta %.0fs%s',
                      epoch, i + 1, steps_per_epoch, recent['loss'], recent['accuracy'],
-                     1e3 * elapsed / (i + 1), elapsed / (i + 1) * (steps_per_epoch - i - 1))
+                     1e3 * elapsed / (i + 1), elapsed / (i + 1) * (steps_per_epoch - i - 1),
+                     f'  dropped {dropped} non-finite samples' if dropped else '')
         if blown_up(recent['loss']):
           break
     train = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}  # (steps, devices)
@@ -821,6 +845,8 @@ def train_and_evaluate(config, workdir=None):
       row['log10_residual_max'] = float(worst.max())
     if 'homeo_loss' in train:
       row['train_homeo_loss'] = float(train['homeo_loss'].mean())
+    if 'dropped_samples' in train:  # non-finite error vectors left out of the gradient
+      row['dropped_samples'] = int(train['dropped_samples'].sum())
     host_params = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], params))
     finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(host_params))
     if not finite_params or blown_up(row['train_loss']):

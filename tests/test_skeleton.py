@@ -325,3 +325,43 @@ def test_the_train_step_compiles_once(idx_dir, tmp_path):
   compiles = [l for l in out.stderr.splitlines()
               if 'Compiling jit(_fun)' in l and 'uint8[1,50,784]' in l]
   assert len(compiles) == 1, len(compiles)
+
+
+# -------------------------------------------- one bad sample does not end a long run
+
+def test_a_non_finite_sample_is_dropped_from_the_gradient_and_counted():
+  import jax  # pylint: disable=g-import-not-at-top
+  from tiny import BATCH, free_fixed_point, tiny_mlp  # pylint: disable=g-import-not-at-top
+  m, _ = module_and_config('fmnist_mlp')
+  config, params, x, labels = tiny_mlp()
+  u_free = free_fixed_point(config, params, x)
+  s_free = m.activate(u_free)
+  error = m.rbp_error(config, params, m.input_drive(params, x), labels, u_free)
+  poisoned = tuple(e.at[1].set(np.nan if l else np.inf) for l, e in enumerate(error))
+  zeroed = tuple(e.at[1].set(0.0) for e in error)
+  grads, dropped = m.network_grads(params, x, s_free, poisoned)
+  expected, none = m.network_grads(params, x, s_free, zeroed)
+  assert int(dropped) == 1 and int(none) == 0
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+  full, _ = m.network_grads(params, x, s_free, error)
+  assert not np.allclose(full['forward'][1]['w'], grads['forward'][1]['w'])
+  assert BATCH > 2  # the other samples still count
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_training_survives_a_broken_sample_and_reports_it(name, idx_dir, tmp_path,
+                                                          monkeypatch):
+  module, _ = module_and_config(name)
+  real = module.common.cauchy_estimate
+
+  def breaks_sample_0(*args):  # as a complex relaxation leaving the holomorphic region would
+    return tuple(e.at[0].set(np.nan) for e in real(*args))
+
+  monkeypatch.setattr(module.common, 'cauchy_estimate', breaks_sample_0)
+  config = small_config(name, idx_dir, algorithm='hep', n_points=4, beta=0.5, batch_size=20,
+                        log_every_steps=1)
+  rows = module.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert rows[-1]['dropped_samples'] == 100 // 20  # one per step, over the 5 steps
+  assert np.isfinite(rows[-1]['train_loss']) and 'diverged' not in rows[-1]
