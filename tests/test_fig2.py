@@ -229,8 +229,9 @@ def test_smoke_run_writes_every_output(tmp_path):
   run_dir.mkdir()
   net = fig2_bias.network_config(fig2_config.get_config(), (8, 8), alpha=45.0)
   params = m.init_params(jax.random.PRNGKey(1), net)
-  m.save_checkpoint(str(run_dir), net, 3,
-                    jax.device_get((params, m.make_optimizer(net).init(params))))
+  state = jax.device_get((params, m.make_optimizer(net).init(params)))
+  m.save_checkpoint(str(run_dir), net, 3,  # float32, as training runs write it
+                    jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), state))
   workdir = tmp_path / 'out'
   args = [f'--workdir={workdir}', f'--config.data_dir={data}', '--config.batch_size=6',
           '--config.hidden_sizes=(8,8)', '--config.t_free=300', '--config.t_nudge=300',

@@ -1,0 +1,390 @@
+r"""Figures and a report for the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h).
+
+    python plot_fmnist.py                       # reads results/<group>/<name>.jsonl
+    python plot_fmnist.py --results_dir=/tmp/r --out_dir=/tmp/report
+
+Reads the per-epoch metrics that sweep.py copies to results/<group>/<name>.jsonl (the runs
+of sweep.plan()) and writes
+
+* <out_dir>/figures/fig3.png: Fig. 3-style panels, top row the "BP" baseline (bptt), bottom
+  row hEP with the exact d_beta s*: weight angle per layer, training loss, per-layer cosine
+  between the exact d_beta s* and RBP's delta, one colour per initial angle;
+* <out_dir>/figures/fig4ad.png, fig4eh.png: Fig. 4-style panels, test error, Jacobian
+  symmetry measure and per-layer cosine, with vs without homeostasis, mean over seeds and a
+  +-1 standard-error band;
+* <out_dir>/fmnist_report.md: Table 1 (final-epoch test error of every cell, next to the
+  paper's values), the Fig. 4 final values and a list of every run with its status.
+
+Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
+they reached. Where a run's results file is missing but an earlier run of the same setting
+is already in the repository (LEGACY below, e.g. results/fmnist_mlp/exact_s0_10epochs.jsonl),
+that file is used and the report says so. --out_dir defaults to --results_dir.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The paper's Table 1 (validation error %, mean +- std over 5 seeds, 50 epochs), copied from
+# the paper; keys: (N, |beta|), 'cont' for continuous time, 'exact' for the true d_beta u*.
+PAPER_TABLE1 = {
+    (1, 0.05): '15.8 ± 0.6', (2, 0.05): '14.6 ± 0.4', (4, 0.05): '14.7 ± 0.7',
+    (6, 0.05): '14.5 ± 0.6', ('cont', 0.05): '15.8 ± 0.8', ('exact', None): '14.7 ± 0.6',
+    (1, 0.5): '38.4 ± 6.2', (2, 0.5): '16.3 ± 0.7', (4, 0.5): '14.8 ± 0.8',
+    (6, 0.5): '14.3 ± 0.6', ('cont', 0.5): '17.3 ± 1.0',
+}
+
+# Earlier runs of exactly a planned setting (seed 0, same overrides, fewer epochs), already in
+# the repository before the sweep existed: used only while the planned file is missing.
+LEGACY = {
+    'table1/exact': 'fmnist_mlp/exact_s0_10epochs.jsonl',
+    'table1/hep1_beta0.05': 'fmnist_mlp/epoch1_hep1_b0.05.jsonl',
+    'table1/hep2_beta0.05': 'fmnist_mlp/epoch1_hep2_s0.jsonl',
+    'table1/hep4_beta0.5': 'fmnist_mlp/epoch1_hep4_b0.5.jsonl',
+    'table1/hep6_beta0.5': 'fmnist_mlp/epoch1_hep6_b0.5.jsonl',
+    'fig3/hep_exact_alpha0': 'fmnist_mlp/exact_s0_10epochs.jsonl',
+    'fig3/bptt_alpha0': 'fmnist_mlp/epoch1_bptt.jsonl',
+    'fig4eh/homeo0.1_seed0': 'feedback/lambda0.1.jsonl',
+    'fig4eh/homeo0_seed0': 'feedback/lambda0.jsonl',
+}
+
+MLP_LAYERS = ('l1', 'l2', 'out')
+MLP_ANGLES = ('l1-l2', 'l2-out')
+LINESTYLES = ('-', '--', ':', '-.')
+
+
+# ------------------------------------------------------------------------------- data
+
+Loaded = collections.namedtuple('Loaded', 'run rows epochs wanted source meta legacy')
+
+
+def read_rows(path):
+  """metrics.jsonl rows sorted by epoch (unreadable lines skipped; last row of an epoch wins)."""
+  by_epoch = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get('epoch'), int):
+        by_epoch[row['epoch']] = row
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def load(results_dir, use_legacy=True):
+  """{'group/name': Loaded} for every planned run that has a results file."""
+  loaded = {}
+  for run in sweep.plan():
+    key = f'{run.group}/{run.name}'
+    path, meta_path = sweep.result_paths(run, results_dir)
+    source = path
+    if not os.path.exists(path) and use_legacy and key in LEGACY:
+      source = os.path.join(results_dir, LEGACY[key])
+    if not os.path.exists(source):
+      continue
+    rows = read_rows(source)
+    if not rows:
+      continue
+    meta = None
+    if source == path and os.path.exists(meta_path):
+      try:
+        with open(meta_path) as f:
+          meta = json.load(f)
+      except ValueError:
+        meta = None
+    loaded[key] = Loaded(run, rows, max(r['epoch'] for r in rows), sweep.num_epochs(run),
+                         source, meta, source != path)
+  return loaded
+
+
+def series(rows, key, index=None):
+  """(epochs, values) of a metric, NaN where missing or null; `index` picks a layer."""
+  epochs, values = [], []
+  for row in rows:
+    value = row.get(key)
+    if index is not None:
+      value = value[index] if isinstance(value, list) and index < len(value) else None
+    epochs.append(row['epoch'])
+    values.append(np.nan if value is None else float(value))
+  return np.asarray(epochs), np.asarray(values)
+
+
+def num_layers(rows, key):
+  return max((len(r[key]) for r in rows if isinstance(r.get(key), list)), default=0)
+
+
+def aggregate(loaded_runs, key, index=None, band='se'):
+  """Mean over seeds per epoch, and a band (standard error or std; 0 with one seed)."""
+  per_epoch = collections.defaultdict(list)
+  for item in loaded_runs:
+    for e, v in zip(*series(item.rows, key, index)):
+      if np.isfinite(v):
+        per_epoch[e].append(v)
+  epochs = np.asarray(sorted(per_epoch))
+  mean = np.asarray([np.mean(per_epoch[e]) for e in epochs])
+  spread = []
+  for e in epochs:
+    v = per_epoch[e]
+    sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
+    spread.append(sd / math.sqrt(len(v)) if band == 'se' else sd)
+  return epochs, mean, np.asarray(spread)
+
+
+def final_error(items):
+  """'mean' or 'mean ± std (n seeds)' of the final-epoch test errors, with the epochs."""
+  values = [i.rows[-1].get('test_error') for i in items]
+  values = [v for v in values if v is not None]
+  if not values:
+    return 'n/a'
+  text = f'{np.mean(values):.2f}'
+  if len(values) > 1:
+    text += f' ± {np.std(values, ddof=1):.2f} (n={len(values)})'
+  reached, wanted = min(i.epochs for i in items), items[0].wanted
+  text += f' ({reached}/{wanted} ep)' if reached < wanted else f' ({wanted} ep)'
+  if any(i.legacy for i in items):
+    text += ' †'
+  return text
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _band(ax, epochs, mean, spread, **kwargs):
+  line, = ax.plot(epochs, mean, marker='.', markersize=4, **kwargs)
+  if np.any(spread > 0):
+    ax.fill_between(epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.2,
+                    linewidth=0)
+  return line
+
+
+def fig3(loaded, path):
+  """2 x 3 panels: rows bptt / hep_exact; weight angle, train loss, per-layer cosine."""
+  fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
+  drawn = 0
+  colours = plt.get_cmap('viridis')
+  for row, (algorithm, title) in enumerate((('bptt', 'BP through T_nudge (bptt)'),
+                                            ('hep_exact', 'hEP, exact d_beta s*'))):
+    for i, alpha in enumerate((0, 45, 90)):
+      items = [v for v in loaded.values() if v.run.group == 'fig3'
+               and dict(v.run.overrides)['algorithm'] == algorithm
+               and dict(v.run.overrides)['alpha'] == alpha]
+      if not items:
+        continue
+      drawn += 1
+      colour = colours(i / 2.5)
+      label = f'alpha0 = {alpha}°'
+      for l in range(num_layers(items[0].rows, 'diag/weight_angle')):
+        _band(axes[row, 0], *aggregate(items, 'diag/weight_angle', l, band='std'),
+              color=colour, linestyle=LINESTYLES[l % 4],
+              label=f'{label}, {MLP_ANGLES[l] if l < 2 else l}')
+      _band(axes[row, 1], *aggregate(items, 'train_loss', band='std'), color=colour,
+            label=label)
+      for l in range(num_layers(items[0].rows, 'diag/cosine_exact')):
+        _band(axes[row, 2], *aggregate(items, 'diag/cosine_exact', l, band='std'),
+              color=colour, linestyle=LINESTYLES[l % 4],
+              label=f'{label}, {MLP_LAYERS[l] if l < 3 else l}')
+    axes[row, 0].set_ylabel(f'{title}\nangle w_b vs w_f^T (deg)')
+    axes[row, 1].set_ylabel('training loss')
+    axes[row, 2].set_ylabel('cosine(d_beta s*, delta_RBP)')
+    axes[row, 2].axhline(0, color='grey', linewidth=0.5)
+  for ax in axes.flat:
+    ax.set_xlabel('epoch')
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6)
+  fig.suptitle('Fig. 3: training dynamics vs initial angle (band = ±1 std over seeds '
+               'where there are several)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return drawn
+
+
+def fig4(loaded, group, conditions, path, title):
+  """1 x 3 panels: test error, symmetry, per-layer cosine; mean ± 1 SE over seeds."""
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), squeeze=False)
+  axes = axes[0]
+  drawn = 0
+  for c, (homeo, label) in enumerate(conditions):
+    items = [v for v in loaded.values() if v.run.group == group
+             and dict(v.run.overrides)['homeo_coef'] == homeo]
+    if not items:
+      continue
+    drawn += 1
+    colour = f'C{c}'
+    label = f'{label} (n={len(items)})'
+    _band(axes[0], *aggregate(items, 'test_error'), color=colour, label=label)
+    _band(axes[1], *aggregate(items, 'diag/symmetry'), color=colour, label=label)
+    for l in range(num_layers(items[0].rows, 'diag/cosine_exact')):
+      _band(axes[2], *aggregate(items, 'diag/cosine_exact', l), color=colour,
+            linestyle=LINESTYLES[l % 4], label=f'{label}, {MLP_LAYERS[l] if l < 3 else l}')
+  axes[0].set_ylabel('test error (%)')
+  axes[1].set_ylabel('symmetry ||S|| / (||S|| + ||A||)')
+  axes[2].set_ylabel('cosine(d_beta s*, delta_RBP)')
+  for ax in axes:
+    ax.set_xlabel('epoch')
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.suptitle(title + ' (mean ± 1 standard error over seeds)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return drawn
+
+
+# ------------------------------------------------------------------------------ report
+
+def table1(loaded):
+  """Markdown rows of Table 1: the paper's values and ours, per |beta|."""
+  def cell(group, name):
+    items = [v for k, v in loaded.items() if k == f'{group}/{name}']
+    return final_error(items) if items else 'missing'
+
+  columns = [(n, 'table1', lambda b, n=n: f'hep{n}_beta{b:g}') for n in (1, 2, 4, 6)]
+  columns.append(('cont', 'table1_cont', lambda b: f'cont4_beta{b:g}'))
+  lines = ['| | N = 1 | N = 2 | N = 4 | N = 6 | Continuous-time (N = 4) | True d_beta u* |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
+  for beta in (0.05, 0.5):
+    paper = [PAPER_TABLE1[(n, beta)] for n, _, _ in columns]
+    paper.append(PAPER_TABLE1[('exact', None)] if beta == 0.05 else '')
+    ours = [cell(group, name(beta)) for _, group, name in columns]
+    ours.append(cell('table1', 'exact') if beta == 0.05 else '(does not depend on beta)')
+    lines.append(f'| paper, \\|beta\\| = {beta:g} | ' + ' | '.join(paper) + ' |')
+    lines.append(f'| ours, \\|beta\\| = {beta:g} | ' + ' | '.join(ours) + ' |')
+  return lines
+
+
+def _fmt(value, digits=3):
+  if value is None:
+    return 'n/a'
+  if isinstance(value, list):
+    return ' / '.join(_fmt(v, 2) for v in value)
+  return f'{value:.{digits}g}' if isinstance(value, float) else str(value)
+
+
+def run_table(loaded, results_dir):
+  lines = ['| run | status | final test error % | train loss | symmetry | cosine exact (per layer) '
+           '| weight angle (deg) | source | commit |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  missing = []
+  for run in sweep.plan():
+    key = f'{run.group}/{run.name}'
+    item = loaded.get(key)
+    if item is None:
+      missing.append(key)
+      lines.append(f'| {key} | missing (0/{sweep.num_epochs(run)}) | | | | | | | |')
+      continue
+    last = item.rows[-1]
+    state = ('done' if item.epochs >= item.wanted
+             else f'partial ({item.epochs}/{item.wanted} epochs)')
+    commit = (item.meta or {}).get('commit', '')[:12]
+    source = os.path.relpath(item.source, results_dir)
+    lines.append(f'| {key} | {state} | {_fmt(last.get("test_error"), 4)} | '
+                 f'{_fmt(last.get("train_loss"))} | {_fmt(last.get("diag/symmetry"))} | '
+                 f'{_fmt(last.get("diag/cosine_exact"))} | {_fmt(last.get("diag/weight_angle"))}'
+                 f' | {source} | {commit} |')
+  return lines, missing
+
+
+def fig4_table(loaded, group, conditions):
+  lines = ['| condition | seeds | final test error % (mean ± SE) | symmetry | cosine l1 / l2 / out |',
+           '| --- | --- | --- | --- | --- |']
+  for homeo, label in conditions:
+    items = [v for v in loaded.values() if v.run.group == group
+             and dict(v.run.overrides)['homeo_coef'] == homeo]
+    if not items:
+      lines.append(f'| {label} | 0 | missing | | |')
+      continue
+
+    def mean_se(values):
+      values = [v for v in values if v is not None]
+      if not values:
+        return 'n/a'
+      se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+      return f'{np.mean(values):.3g} ± {se:.2g}' if len(values) > 1 else f'{values[0]:.3g}'
+    last = [i.rows[-1] for i in items]
+    layers = num_layers(last, 'diag/cosine_exact')
+    cos = ' / '.join(mean_se([r['diag/cosine_exact'][l] if r.get('diag/cosine_exact') else None
+                              for r in last]) for l in range(layers))
+    epochs = sorted({i.epochs for i in items})
+    lines.append(f'| {label} | {len(items)} (epochs reached: {", ".join(map(str, epochs))} of '
+                 f'{items[0].wanted}) | {mean_se([r.get("test_error") for r in last])} | '
+                 f'{mean_se([r.get("diag/symmetry") for r in last])} | {cos} |')
+  return lines
+
+
+FIG4 = {
+    'fig4ad': ([(0.0, 'lambda = 0'), (1.0, 'lambda = 1')],
+               'Fig. 4a-d: reciprocal MLP, alpha0 = 90°, hEP exact, Adam 1e-4'),
+    'fig4eh': ([(0.0, 'lambda = 0'), (0.1, 'lambda = 0.1')],
+               'Fig. 4e-h: output -> layer 1 feedback loop, hEP exact, SGD 1e-2'),
+}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--results_dir', default=os.path.join(sweep.ROOT, 'results'))
+  p.add_argument('--out_dir', default='', help='report and figures/ (default: results_dir)')
+  p.add_argument('--no_legacy', action='store_true',
+                 help='ignore the earlier result files listed in LEGACY')
+  args = p.parse_args(argv)
+  out_dir = args.out_dir or args.results_dir
+  figures = os.path.join(out_dir, 'figures')
+  os.makedirs(figures, exist_ok=True)
+  loaded = load(args.results_dir, use_legacy=not args.no_legacy)
+  shown = os.path.relpath(args.results_dir, sweep.ROOT)
+  shown = args.results_dir if shown.startswith(os.pardir) else shown
+
+  report = ['# Fashion-MNIST reproduction: Table 1, Fig. 3, Fig. 4a-h', '',
+            f'Generated by `plot_fmnist.py` from `{shown}/<group>/<name>.jsonl` (the runs of `sweep.py`; `python sweep.py --list` shows '
+            'their commands). Our numbers are single runs (seed 0) unless n is given; the '
+            "paper's are means ± std over 5 seeds after 50 epochs. Epochs reached are given "
+            'in parentheses; † marks an earlier result file of the same setting (see the run '
+            'list).', '']
+  report += ['## Table 1: final-epoch test error (%)', '', *table1(loaded), '']
+  report += ['Test error is on the 10,000 test images (the paper\'s "validation error"). '
+             'Continuous-time: N = 4, 60 steps per point, 5 periods, no free phase.', '']
+
+  notes = []
+  drawn = fig3(loaded, os.path.join(figures, 'fig3.png'))
+  report += ['## Fig. 3: initial angle, BP vs hEP', '',
+             '![Fig. 3](figures/fig3.png)' if drawn else '(no fig3 run yet)', '']
+  if drawn < 6:
+    notes.append(f'Fig. 3: {drawn} of 6 conditions have results.')
+  for group, (conditions, title) in FIG4.items():
+    drawn = fig4(loaded, group, conditions, os.path.join(figures, f'{group}.png'), title)
+    report += [f'## {title}', '', f'![{group}](figures/{group}.png)' if drawn else
+               f'(no {group} run yet)', '', *fig4_table(loaded, group, conditions), '']
+  rows, missing = run_table(loaded, args.results_dir)
+  if missing:
+    notes.append(f'{len(missing)} planned runs have no results yet (skipped): '
+                 + ', '.join(missing) + '.')
+  partial = [k for k, v in loaded.items() if v.epochs < v.wanted]
+  if partial:
+    notes.append('Partial runs (drawn up to the epoch reached): ' + ', '.join(
+        f'{k} ({loaded[k].epochs}/{loaded[k].wanted})' for k in partial) + '.')
+  legacy = [k for k, v in loaded.items() if v.legacy]
+  if legacy:
+    notes.append('† From earlier result files of the same setting (made before sweep.py, '
+                 'possibly with an earlier commit): ' + ', '.join(
+                     f'{k} <- {LEGACY[k]}' for k in legacy) + '.')
+  report += ['## Notes', ''] + [f'* {n}' for n in notes] + ['']
+  report += ['## Every planned run', '', *rows, '']
+  path = os.path.join(out_dir, 'fmnist_report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(report))
+  print(f'wrote {path} and {figures}/ ({len(loaded)} of {len(sweep.plan())} runs have results)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

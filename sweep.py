@@ -1,0 +1,347 @@
+r"""Runs the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h) as one resumable sweep.
+
+    python sweep.py --list                          # the plan and each run's status
+    python sweep.py --only=table1 --dry_run         # the commands that would run
+    python sweep.py --only=table1 --jobs=2 --nice=10
+    python sweep.py --only=fig3,fig4ad --commit     # git-commits each finished run's results
+
+Every run is one command of a training script,
+
+    python <script> --config=configs/<x>.py --workdir=results_runs/<group>/<name> \
+        --config.<field>=<value> ...
+
+whose workdir keeps the checkpoint: rerunning the same command resumes after the last
+finished epoch, so an interrupted sweep just starts again. A run counts as done once
+results/<group>/<name>.jsonl holds num_epochs epochs; done runs are skipped. When a run
+finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to a sidecar
+<name>.meta.json (command, producing git commit, date, machine, wall time), and with
+--commit exactly those two files are committed.
+
+The plan (all seed 0 unless stated; the paper averages 5 seeds (3 for Fig. 3) and trains
+50 epochs everywhere; the epoch counts below are what a CPU budget allows):
+
+* table1 (50 epochs, SGD 1e-2, alpha 0): the Cauchy estimate with N = 1 (classic EP), 2, 4,
+  6 points at |beta| = 0.05 and 0.5 (8 cells), and the true d_beta s* (`hep_exact`, 1 cell:
+  it does not depend on |beta|, so the paper's table has it once). 9 runs.
+* table1_cont (10 epochs): continuous-time hEP as the authors ran it (N = 4, 60 steps per
+  point, 5 periods, no free phase, hold-end averages), |beta| = 0.05 and 0.5. 2 runs.
+  Together with table1 these are the paper's 11 cells of Table 1.
+* fig3 (20 epochs): initial angle alpha in {0, 45, 90} x {bptt (the authors' "BP"
+  baseline), hep_exact}. 6 runs.
+* fig4ad (20 epochs): fmnist_mlp.py, alpha 90, hep_exact, Adam 1e-4, lambda 0 vs 1, seeds
+  0-2. 6 runs.
+* fig4eh (50 epochs): fmnist_feedback.py (its defaults: hep_exact, SGD 1e-2), lambda 0 vs
+  0.1, seeds 0-2. 6 runs.
+"""
+import argparse
+import collections
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+Run = collections.namedtuple('Run', 'group name script config overrides')
+# overrides: tuple of (config field, value) pairs, always including seed and num_epochs.
+
+MLP = ('fmnist_mlp.py', 'configs/fmnist_mlp.py')
+FEEDBACK = ('fmnist_feedback.py', 'configs/fmnist_feedback.py')
+
+# How Table 1's continuous-time cells select the hold-end average (the authors' estimator,
+# common.hold_end_estimate) rather than the every-step average of a literal Eq. 8.
+CONTINUOUS_OVERRIDES = (('algorithm', 'hep_continuous'), ('continuous_average', 'hold_end'),
+                        ('continuous_steps_per_point', 60), ('continuous_periods', 5))
+
+
+def _run(group, name, target, num_epochs, seed=0, **overrides):
+  items = tuple(overrides.items()) + (('seed', seed), ('num_epochs', num_epochs))
+  return Run(group, name, target[0], target[1], items)
+
+
+def plan():
+  """Every run of the sweep, in the order they are started."""
+  runs = []
+  for n in (1, 2, 4, 6):
+    for beta in (0.05, 0.5):
+      runs.append(_run('table1', f'hep{n}_beta{beta:g}', MLP, 50, algorithm='hep', n_points=n,
+                       beta=beta))
+  runs.append(_run('table1', 'exact', MLP, 50, algorithm='hep_exact'))
+  for beta in (0.05, 0.5):
+    runs.append(_run('table1_cont', f'cont4_beta{beta:g}', MLP, 10,
+                     **dict(CONTINUOUS_OVERRIDES), n_points=4, beta=beta))
+  for algorithm in ('bptt', 'hep_exact'):
+    for alpha in (0, 45, 90):
+      runs.append(_run('fig3', f'{algorithm}_alpha{alpha}', MLP, 20, algorithm=algorithm,
+                       alpha=float(alpha)))
+  for homeo in (0.0, 1.0):
+    for seed in (0, 1, 2):
+      runs.append(_run('fig4ad', f'homeo{homeo:g}_seed{seed}', MLP, 20, seed=seed,
+                       algorithm='hep_exact', alpha=90.0, optimizer='adam',
+                       learning_rate=1e-4, homeo_coef=homeo))
+  for homeo in (0.0, 0.1):
+    for seed in (0, 1, 2):
+      runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
+                       homeo_coef=homeo))
+  return runs
+
+
+GROUPS = ('table1', 'table1_cont', 'fig3', 'fig4ad', 'fig4eh')
+
+
+def select(runs, only):
+  """Runs matching --only: comma-separated group names or `group/name` glob patterns."""
+  if not only:
+    return list(runs)
+  patterns = [p.strip() for p in only.split(',') if p.strip()]
+  chosen = [r for r in runs
+            if any(p == r.group or fnmatch.fnmatchcase(f'{r.group}/{r.name}', p)
+                   for p in patterns)]
+  unmatched = [p for p in patterns
+               if not any(p == r.group or fnmatch.fnmatchcase(f'{r.group}/{r.name}', p)
+                          for r in runs)]
+  if unmatched:
+    raise SystemExit(f'--only: nothing matches {", ".join(unmatched)} (groups: '
+                     f'{", ".join(GROUPS)}; or group/name patterns, see --list)')
+  return chosen
+
+
+# ---------------------------------------------------------------------------- status
+
+def num_epochs(run):
+  return dict(run.overrides)['num_epochs']
+
+
+def format_value(value):
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def command(run, runs_dir, python=sys.executable):
+  """The run's command line, to be run from the repository root."""
+  path = workdir(run, runs_dir)
+  rel = os.path.relpath(path, ROOT)
+  return [python, run.script, f'--config={run.config}',
+          f'--workdir={path if rel.startswith(os.pardir) else rel}',
+          *(f'--config.{k}={format_value(v)}' for k, v in run.overrides)]
+
+
+def workdir(run, runs_dir):
+  """<runs_dir>/<group>/<name>, absolute (a relative runs_dir is under the repository)."""
+  return os.path.join(ROOT, runs_dir, run.group, run.name)
+
+
+def result_paths(run, results_dir):
+  base = os.path.join(ROOT, results_dir, run.group, run.name)
+  return base + '.jsonl', base + '.meta.json'
+
+
+def epochs_in(path):
+  """The last epoch recorded in a metrics.jsonl file (0 if missing or unreadable)."""
+  last = 0
+  try:
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          epoch = json.loads(line).get('epoch')
+        except (ValueError, AttributeError):
+          continue
+        if isinstance(epoch, int):
+          last = max(last, epoch)
+  except OSError:
+    return 0
+  return last
+
+
+def status(run, results_dir, runs_dir):
+  """('done' | 'partial' | 'todo', epochs reached, epochs wanted)."""
+  wanted = num_epochs(run)
+  copied = epochs_in(result_paths(run, results_dir)[0])
+  if copied >= wanted:
+    return 'done', copied, wanted
+  reached = max(copied, epochs_in(os.path.join(workdir(run, runs_dir), 'metrics.jsonl')))
+  return ('partial' if reached else 'todo'), reached, wanted
+
+
+def status_text(state, reached, wanted):
+  return f'partial {reached}/{wanted}' if state == 'partial' else state
+
+
+# ---------------------------------------------------------------------- provenance
+
+def git(*args, check=True):
+  return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True,
+                        check=check).stdout.strip()
+
+
+def git_commit_id():
+  """HEAD's commit, with '-dirty' when tracked files differ from it ('unknown' outside git)."""
+  try:
+    head = git('rev-parse', 'HEAD')
+    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--'], cwd=ROOT).returncode != 0
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('-dirty' if dirty else '')
+
+
+def machine():
+  info = {'platform': platform.platform(), 'nproc': os.cpu_count(),
+          'python': platform.python_version()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu'] = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return info
+
+
+def finish(run, args, started_commit, started_at, wall_s, start_epoch):
+  """Copies a finished run's metrics into results/ with its sidecar; returns the two paths."""
+  metrics, meta = result_paths(run, args.results_dir)
+  os.makedirs(os.path.dirname(metrics), exist_ok=True)
+  shutil.copyfile(os.path.join(workdir(run, args.runs_dir), 'metrics.jsonl'), metrics)
+  end_commit = git_commit_id()
+  sidecar = {
+      'command': shlex.join(command(run, args.runs_dir, 'python')),
+      'commit': started_commit,
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'started': started_at,
+      'machine': machine(),
+      'wall_time_s': round(wall_s, 1),
+      'epochs': epochs_in(metrics),
+      'resumed_after_epoch': start_epoch,
+  }
+  if end_commit != started_commit:
+    sidecar['commit_at_end'] = end_commit
+  with open(meta, 'w') as f:
+    f.write(json.dumps(sidecar, indent=2) + '\n')
+  return metrics, meta
+
+
+def commit_results(run, paths):
+  rel = [os.path.relpath(p, ROOT) for p in paths]
+  git('add', '--', *rel)
+  git('commit', '-q', '-m', f'Results: {run.group}/{run.name}', '--', *rel)
+
+
+# ---------------------------------------------------------------------------- runner
+
+def launch(run, args, log):
+  cmd = command(run, args.runs_dir, args.python)
+  nice = args.nice
+
+  def lower_priority():
+    if nice:
+      os.nice(nice)
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                          preexec_fn=lower_priority)
+
+
+def run_all(runs, args):
+  """Runs the runs that are not done, at most args.jobs at a time. Returns the failures."""
+  queue = collections.deque(r for r in runs
+                            if status(r, args.results_dir, args.runs_dir)[0] != 'done')
+  running, failed = {}, []
+  try:
+    while queue or running:
+      while queue and len(running) < args.jobs:
+        run = queue.popleft()
+        os.makedirs(workdir(run, args.runs_dir), exist_ok=True)
+        log = open(os.path.join(workdir(run, args.runs_dir), 'sweep.log'), 'a')
+        start_epoch = status(run, args.results_dir, args.runs_dir)[1]
+        started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+        proc = launch(run, args, log)
+        running[proc.pid] = (run, proc, log, time.time(), git_commit_id(), started_at,
+                             start_epoch)
+        print(f'[start] {run.group}/{run.name} (pid {proc.pid}, from epoch {start_epoch}): '
+              f'{shlex.join(command(run, args.runs_dir, "python"))}', flush=True)
+      time.sleep(args.poll_s)
+      for pid in list(running):
+        run, proc, log, t0, commit, started_at, start_epoch = running[pid]
+        if proc.poll() is None:
+          continue
+        del running[pid]
+        log.close()
+        wall = time.time() - t0
+        state, reached, wanted = status(run, args.results_dir, args.runs_dir)
+        workdir_epochs = epochs_in(os.path.join(workdir(run, args.runs_dir), 'metrics.jsonl'))
+        if proc.returncode != 0 or workdir_epochs < wanted:
+          failed.append(run)
+          print(f'[fail]  {run.group}/{run.name}: exit {proc.returncode}, {workdir_epochs}/'
+                f'{wanted} epochs; see {workdir(run, args.runs_dir)}/sweep.log', flush=True)
+          continue
+        paths = finish(run, args, commit, started_at, wall, start_epoch)
+        print(f'[done]  {run.group}/{run.name} in {wall / 60:.1f} min -> {paths[0]}',
+              flush=True)
+        if args.commit:
+          try:
+            commit_results(run, paths)
+          except subprocess.CalledProcessError as e:
+            print(f'[warn]  git commit of {run.group}/{run.name} failed: {e.stderr.strip()}',
+                  flush=True)
+  except KeyboardInterrupt:
+    for run, proc, log, *_ in running.values():
+      proc.terminate()  # the scripts checkpoint every epoch: the next sweep resumes them
+      proc.wait()
+      log.close()
+    print('interrupted; rerun the same command to resume', flush=True)
+    raise SystemExit(130)
+  return failed
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--only', default='', help='comma-separated groups (' + ', '.join(GROUPS) +
+                 ') or group/name glob patterns; default: everything')
+  p.add_argument('--jobs', type=int, default=1, help='runs at the same time')
+  p.add_argument('--nice', type=int, default=0, help='niceness added to every run')
+  p.add_argument('--list', action='store_true', help='print the plan with each status')
+  p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+  p.add_argument('--commit', action='store_true',
+                 help='git add + commit each finished run\'s .jsonl and .meta.json')
+  p.add_argument('--results_dir', default='results',
+                 help='where finished runs are copied (relative paths: from the repository root)')
+  p.add_argument('--runs_dir', default='results_runs',
+                 help='parent of the workdirs (relative paths: from the repository root)')
+  p.add_argument('--python', default=sys.executable)
+  p.add_argument('--poll_s', type=float, default=5.0, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.jobs < 1:
+    p.error('--jobs must be >= 1')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  runs = select(plan(), args.only)
+  if args.list or args.dry_run:
+    for run in runs:
+      state = status(run, args.results_dir, args.runs_dir)
+      if args.list:
+        print(f'{run.group + "/" + run.name:34s} {status_text(*state):16s} '
+              f'{run.script} {" ".join(f"{k}={format_value(v)}" for k, v in run.overrides)}')
+      else:
+        prefix = '# done: ' if state[0] == 'done' else ''
+        print(prefix + shlex.join(command(run, args.runs_dir, 'python')))
+    return 0
+  failed = run_all(runs, args)
+  if failed:
+    print('failed: ' + ', '.join(f'{r.group}/{r.name}' for r in failed))
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,74 @@
+"""plot_fmnist.py on fake results: complete, partial, multi-seed, legacy and missing runs."""
+import json
+import os
+
+import numpy as np
+
+import plot_fmnist
+import sweep
+
+
+def _write(path, epochs, seed=0, homeo=0.0, start=1, mlp=True):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    for e in range(start, epochs + 1):
+      row = {'epoch': e, 'test_error': 30.0 - 0.2 * e - seed - 5 * homeo,
+             'train_loss': 1.0 / (e + 1), 'diag/symmetry': 0.9 + 0.001 * e * homeo,
+             'diag/cosine_exact': [0.8 - 0.01 * e, 0.7, 0.99],
+             'diag/weight_angle': [5.0 + e, 30.0 + e] if mlp else None}
+      f.write(json.dumps(row) + '\n')
+    f.write('garbage line\n')
+
+
+def test_report_and_figures_from_fake_results(tmp_path):
+  results = str(tmp_path / 'results')
+  runs = {f'{r.group}/{r.name}': r for r in sweep.plan()}
+  path = lambda key: sweep.result_paths(runs[key], results)[0]
+  _write(path('table1/hep2_beta0.05'), 50)
+  _write(path('table1/hep6_beta0.5'), 12)  # partial
+  _write(path('table1_cont/cont4_beta0.5'), 10)
+  _write(path('fig3/bptt_alpha0'), 20)
+  _write(path('fig3/hep_exact_alpha90'), 1)  # one point
+  for seed in (0, 1, 2):
+    _write(path(f'fig4ad/homeo1_seed{seed}'), 20, seed=seed, homeo=1.0)
+  for seed in (0, 1):
+    _write(path(f'fig4ad/homeo0_seed{seed}'), 20 if seed else 7, seed=seed)
+  _write(path('fig4eh/homeo0.1_seed0'), 50, homeo=0.1, mlp=False, start=0)
+  with open(sweep.result_paths(runs['table1/hep2_beta0.05'], results)[1], 'w') as f:
+    json.dump({'commit': 'abcdef0123456789-dirty'}, f)
+  # A legacy file stands in for a missing planned one.
+  _write(os.path.join(results, plot_fmnist.LEGACY['table1/exact']), 10)
+
+  assert plot_fmnist.main(['--results_dir', results]) == 0
+  report = open(os.path.join(results, 'fmnist_report.md')).read()
+  for name in ('fig3', 'fig4ad', 'fig4eh'):
+    assert os.path.getsize(os.path.join(results, 'figures', f'{name}.png')) > 1000
+    assert f'figures/{name}.png' in report
+  assert '| paper, \\|beta\\| = 0.5 | 38.4 ± 6.2 | 16.3 ± 0.7 |' in report
+  assert '20.00 (50 ep)' in report  # 30 - 0.2 * 50, hep2 at |beta| = 0.05
+  assert '27.60 (12/50 ep)' in report  # the partial N = 6 cell
+  assert '28.00 (10 ep)' in report  # continuous time, 10 epochs planned
+  assert '28.00 (10/50 ep) †' in report  # true d_beta s*, from the legacy file
+  assert 'table1/exact <- fmnist_mlp/exact_s0_10epochs.jsonl' in report
+  assert 'table1/hep1_beta0.05' in report.split('## Notes')[1].split('\n* ')[2]  # missing
+  assert '| table1/hep6_beta0.5 | partial (12/50 epochs) |' in report
+  assert '| fig4ad/homeo1_seed0 | done |' in report and 'abcdef012345 |' in report
+  # Fig. 4a-d, lambda = 1: final errors 30 - 4 - 5 - seed = 21, 20, 19 -> 20 ± 1/sqrt(3).
+  se = np.std([21.0, 20.0, 19.0], ddof=1) / np.sqrt(3)
+  assert f'| lambda = 1 | 3 (epochs reached: 20 of 20) | 20 ± {se:.2g} |' in report
+  assert '| lambda = 0 | 2 (epochs reached: 7, 20 of 20) |' in report
+  assert '| lambda = 0 | 0 | missing |' in report  # Fig. 4e-h without homeostasis
+
+  out = str(tmp_path / 'elsewhere')
+  assert plot_fmnist.main(['--results_dir', results, '--out_dir', out, '--no_legacy']) == 0
+  report = open(os.path.join(out, 'fmnist_report.md')).read()
+  assert ' †' not in report.split('## Table 1')[1]
+  assert '| table1/exact | missing (0/50) |' in report
+  assert os.path.exists(os.path.join(out, 'figures', 'fig3.png'))
+
+
+def test_an_empty_results_folder_gives_a_report_of_missing_runs(tmp_path):
+  assert plot_fmnist.main(['--results_dir', str(tmp_path)]) == 0
+  report = open(tmp_path / 'fmnist_report.md').read()
+  assert f'{len(sweep.plan())} planned runs have no results yet' in report
+  assert '(no fig3 run yet)' in report
