@@ -1,0 +1,266 @@
+r"""Synchronous vs sequential (red-black) layer updates of the conv net, and its step timings.
+
+Not a test: a measurement that decides cifar_conv.steps_for and the default layer_updates.
+
+    python tools/conv_update_order.py --part=paper     # App. D.2 shapes, batch 4, float32
+    python tools/conv_update_order.py --part=tiny      # 180-unit float64 net vs dense solves
+    python tools/conv_update_order.py --part=timing    # ms per step, compute_grads at batch 16
+
+In the MLP, layers talk only to their neighbours, so the synchronous dynamics split into two
+independent chains and the alternating order follows one of them exactly (T steps for the
+price of T/2). Here the top-down drive into layer l depends on s_l itself (through the
+pooling in the backward module), so that identity does not hold; whether the red-black order
+still converges in fewer steps has to be measured.
+
+A step of either order updates every layer once (the same work). For each order the script
+records, every `--chunk` steps of the free phase from zeros:
+  * `update`: log10 of the largest per-sample norm of the last update u_{t+1} - u_t (all
+    layers), what common.fixed_point reports;
+  * `field`: log10 of the largest per-sample ||G(sigma(u)) - u||, the synchronous vector field
+    at the current state (the same yardstick for both orders);
+then hEP's exact d_beta s* (forward mode through T_nudge steps from that order's own free
+point), compared with a reference (synchronous, long relaxations; on the tiny net the dense
+solve (I - DK)^{-1} D g) by cosine and relative error.
+
+Inputs are synthetic (no CIFAR on this machine): smooth random images (Gaussian noise
+low-pass filtered with a 5x5 box, per-channel standardised, divided by 1.5 like the authors'
+normalisation). "trained-like" multiplies every forward and backward kernel by 1.5, which
+makes the dynamics slower to contract, as training does.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import cifar_conv as cc
+import common
+
+
+def paper_config(**kw):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.image_size, c.in_channels, c.num_classes = 32, 3, 10
+  c.channels = (128, 256, 512, 512)
+  c.alpha, c.tied = 0.0, False
+  c.layer_updates = 'synchronous'
+  c.free_dtype = 'float32'
+  c.t_free, c.t_nudge, c.tol = 250, 40, 0.0
+  c.algorithm, c.n_points, c.beta = 'hep_exact', 0, 1.0
+  c.continuous_steps_per_point, c.continuous_periods = 60, 5
+  c.homeo_coef, c.homeo_draws = 15.0, 5
+  c.batch_size = 16
+  c.update(kw)
+  return c
+
+
+def images(seed, batch, size=32, channels=3, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, size + 4, size + 4, channels))
+  x = sum(x[:, i:i + size, j:j + size] for i in range(5) for j in range(5))  # 5x5 box blur
+  x = (x - x.mean(axis=(0, 1, 2))) / x.std(axis=(0, 1, 2)) / 1.5
+  return jnp.asarray(x, dtype)
+
+
+def scaled(params, scale):
+  return {**params,
+          'forward': [dict(p, w=scale * p['w']) for p in params['forward']],
+          'backward': [dict(p, w=scale * p['w']) for p in params['backward']]}
+
+
+def field_norm(params, u, x_drive):
+  f = common.tree_sub(cc.drives(params, cc.activate(u), x_drive), u)
+  return jnp.log10(jnp.sqrt(jnp.max(common.per_sample_sq_norm(f))) + 1e-30)
+
+
+def free_trajectory(config, params, x_drive, total, chunk):
+  """[(steps, log10 last update, log10 field)] every `chunk` steps from zeros; final u."""
+  step = cc.make_step(config, params, x_drive)
+  advance = jax.jit(lambda u: common.fixed_point(step, u, chunk))
+  measure = jax.jit(lambda u: field_norm(params, u, x_drive))
+  u = cc.zeros_state(config, x_drive.shape[0], x_drive.dtype)
+  rows = []
+  for t in range(chunk, total + 1, chunk):
+    u, update = advance(u)
+    rows.append((t, float(update), float(measure(u))))
+  return rows, u
+
+
+def exact_dbeta(config, params, x_drive, labels, u_free, t_nudge):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.t_nudge = t_nudge
+  return jax.jit(lambda u: common.exact_dbeta(
+      cc.nudged_relaxation(config, params, x_drive, labels, u)))(u_free)
+
+
+def compare(estimate, ref):
+  """(cosine, relative error) over all layers, worst sample; and per-layer cosines (mean)."""
+  cos = common.per_sample_cosine(estimate, ref)
+  diff = common.tree_sub(estimate, ref)
+  rel = jnp.sqrt(common.per_sample_sq_norm(diff) / common.per_sample_sq_norm(ref))
+  per_layer = [float(jnp.mean(common.per_sample_cosine((a,), (b,)))) for a, b in zip(estimate, ref)]
+  return float(jnp.min(cos)), float(jnp.max(rel)), per_layer
+
+
+def with_order(config, order):
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.layer_updates = order
+  return c
+
+
+def run_orders(config, params, x, labels, t_free, t_nudges, chunk, ref_free, ref_nudge, ref=None):
+  x_drive = cc.input_drive(params, x)
+  if ref is None:
+    t0 = time.time()
+    _, u_ref = free_trajectory(with_order(config, 'synchronous'), params, x_drive, ref_free,
+                               ref_free)
+    ref = exact_dbeta(with_order(config, 'synchronous'), params, x_drive, labels, u_ref,
+                      ref_nudge)
+    print(f'  reference: synchronous, T_free {ref_free}, T_nudge {ref_nudge} '
+          f'({time.time() - t0:.0f} s)', flush=True)
+  table = {}
+  for order in ('synchronous', 'sequential'):
+    c = with_order(config, order)
+    rows, u = free_trajectory(c, params, x_drive, t_free, chunk)
+    table[order] = rows
+    for t_nudge in t_nudges:
+      e = exact_dbeta(c, params, x_drive, labels, u, t_nudge)
+      cos, rel, per_layer = compare(e, ref)
+      print(f'  {order:11s} T_free {t_free:4d} T_nudge {t_nudge:4d}: d_beta s* vs reference: '
+            f'min cosine {cos:.6f}, max rel. error {rel:.2e}, per-layer mean cosine '
+            + ' '.join(f'{v:.4f}' for v in per_layer), flush=True)
+  print(f'  free phase from zeros: log10 residuals (max over samples) vs steps '
+        f'(a step of either order updates every layer once)')
+  print(f'  {"steps":>6s} | {"sync update":>11s} {"sync field":>10s} | '
+        f'{"seq update":>10s} {"seq field":>9s}')
+  for a, b in zip(table['synchronous'], table['sequential']):
+    print(f'  {a[0]:6d} | {a[1]:11.2f} {a[2]:10.2f} | {b[1]:10.2f} {b[2]:9.2f}')
+  sys.stdout.flush()
+  return ref
+
+
+def part_paper(args):
+  config = paper_config()
+  base = cc.init_params(jax.random.PRNGKey(0), config)
+  x = images(1, args.batch)
+  labels = jnp.arange(args.batch) % 10
+  for scale in args.scales:
+    name = 'LeCun init' if scale == 1 else f'trained-like (kernels x{scale:g})'
+    print(f'\n== paper shapes, batch {args.batch}, float32, {name}, alpha 0 ==', flush=True)
+    run_orders(config, scaled(base, scale), x, labels, args.t_free, args.t_nudges, args.chunk,
+               args.ref_free, args.ref_nudge)
+
+
+def part_tiny(args):
+  import reference  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_enable_x64', True)
+  import test_conv  # pylint: disable=g-import-not-at-top
+  for scale in (1.0, 1.5):
+    config, params, x, labels = test_conv.tiny()
+    params = scaled(params, scale)
+    x_drive = cc.input_drive(params, x)
+    _, u = free_trajectory(config, params, x_drive, 3000, 3000)
+    s = cc.activate(u)
+    refs = []
+    for i in range(x.shape[0]):
+      k, d, g = [np.asarray(a[i]) for a in test_conv.dense(params, x_drive, labels, u)]
+      refs.append(np.asarray(reference.dbeta_s_dense(k, d, g)))
+      rho = np.abs(np.linalg.eigvals(d[:, None] * k)).max()
+      print(f'  (sample {i}: spectral radius of DK {rho:.3f})')
+    ref = test_conv.unflatten_batch(np.stack(refs), s)
+    print(f'\n== tiny float64 net (16x16x2, channels (2,3,4)), kernels x{scale}, alpha 60; '
+          'reference: dense solve ==', flush=True)
+    run_orders(config, params, x, labels, 200, (10, 20, 40, 80), 10, 0, 0, ref=ref)
+
+
+def timed(fn, *args, repeats=1):
+  """(compile seconds, fastest of `repeats` runs in seconds) of jax.jit(fn)(*args)."""
+  t0 = time.time()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.time() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.time()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.time() - t0)
+  return compile_s, min(times, default=None)
+
+
+def part_timing(args):
+  print(f'backend {jax.default_backend()}, {os.cpu_count()} cpus, load {os.getloadavg()}')
+  b = args.batch
+  config = paper_config(batch_size=b, t_free=args.t_free, t_nudge=args.t_nudge,
+                        homeo_coef=args.homeo)
+  params = cc.init_params(jax.random.PRNGKey(0), config)
+  x = images(1, b)
+  labels = jnp.arange(b) % 10
+  key, ids = jax.random.PRNGKey(0), jnp.arange(b)
+  x_drive = cc.input_drive(params, x)
+
+  for order in ('synchronous', 'sequential'):
+    c = with_order(config, order)
+    for t, repeats in ((10, 0), (args.t_free, 0), (20, 2)):
+      c.t_free = t
+      compile_s, run_s = timed(lambda p, xd: cc.free_relaxation(c, p, xd), params, x_drive,
+                               repeats=repeats)
+      line = f'free relaxation {order:11s} batch {b} T {t:3d}: compile {compile_s:.1f} s'
+      if repeats:
+        line += f', {1e3 * run_s / t:.0f} ms per step'
+      print(line, flush=True)
+
+  c = with_order(config, 'synchronous')
+  u_free, _ = jax.jit(lambda p, xd: cc.free_relaxation(c, p, xd))(params, x_drive)
+  s_free = cc.activate(u_free)
+  noise = cc.homeostatic_noise(c, key, ids)
+  parts = {
+      f'nudged phase, exact d_beta s* (T_nudge {c.t_nudge})': lambda p: common.exact_dbeta(
+          cc.nudged_relaxation(c, p, cc.input_drive(p, x), labels, u_free)),
+      f'homeostatic_grads ({c.homeo_draws} draws)': lambda p: cc.homeostatic_grads(
+          c, p, x, s_free, noise),
+      'network_grads': lambda p: cc.network_grads(p, x, s_free, s_free),
+  }
+  for name, fn in parts.items():
+    compile_s, run_s = timed(fn, params)
+    print(f'{name}: {run_s:.1f} s, compile {compile_s:.1f} s', flush=True)
+  for algorithm in args.algorithms:
+    c = paper_config(batch_size=b, t_free=args.t_free, t_nudge=args.t_nudge,
+                     homeo_coef=args.homeo, algorithm=algorithm)
+    compile_s, run_s = timed(lambda p: cc.compute_grads(c, p, x, labels, key, ids), params)
+    print(f'compute_grads {algorithm} batch {b} T_free {c.t_free} T_nudge {c.t_nudge} '
+          f'homeo {c.homeo_coef:g}: {run_s:.1f} s per step, compile {compile_s:.1f} s '
+          f'(load {os.getloadavg()[0]:.1f})', flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--part', choices=('paper', 'tiny', 'timing'), required=True)
+  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument('--t_free', type=int, default=250)
+  parser.add_argument('--t_nudge', type=int, default=40)
+  parser.add_argument('--chunk', type=int, default=25)
+  parser.add_argument('--ref_free', type=int, default=800)
+  parser.add_argument('--ref_nudge', type=int, default=200)
+  parser.add_argument('--homeo', type=float, default=15.0)
+  parser.add_argument('--scales', type=float, nargs='+', default=[1.0, 1.5],
+                      help='paper part: kernel scale factors of the instances')
+  parser.add_argument('--algorithms', nargs='+', default=['hep_exact'],
+                      help='timing part: estimators whose compute_grads is timed')
+  parser.add_argument('--t_nudges', type=int, nargs='+', default=[20, 40],
+                      help='paper part: T_nudge values compared with the reference')
+  args = parser.parse_args()
+  if args.batch is None:
+    args.batch = 4 if args.part == 'paper' else 16
+  {'paper': part_paper, 'tiny': part_tiny, 'timing': part_timing}[args.part](args)
+
+
+if __name__ == '__main__':
+  main()
