@@ -1,11 +1,18 @@
 """Test set-up: the repository root on sys.path, float64 for the in-process tests.
 
-End-to-end tests run the scripts in subprocesses, in float32 as users do.
+End-to-end tests run the scripts in subprocesses, in float32 as users do. Every test, in
+process or not, compiles with XLA's backend optimisation off (TEST_XLA_FLAGS): the tiny
+test problems run in milliseconds, and LLVM's passes would otherwise dominate the suite's
+time. Benchmarks and users keep the default.
 """
 import os
 import sys
 
-import jax
+from scripts import TEST_XLA_FLAGS  # pylint: disable=g-import-not-at-top
+
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {TEST_XLA_FLAGS}'.strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

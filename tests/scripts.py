@@ -8,6 +8,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA flags of every test process (see conftest.py), and with two fake CPU devices.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+TWO_DEVICES = f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2'
 
 # A short, small run: two training steps of 50, a 60-image test set, tiny diagnostics.
 SMALL = ['--config.hidden_sizes=(32,16)', '--config.t_free=30', '--config.t_nudge=8',

@@ -15,7 +15,7 @@ import pytest
 import cifar_conv
 from configs import cifar10 as cifar10_config
 from configs import cifar100 as cifar100_config
-from scripts import ROOT, read_rows
+from scripts import TWO_DEVICES, ROOT, read_rows
 
 SMALL = dict(channels=(4, 8, 8, 8), t_free=12, t_nudge=6, train_size=32, test_size=16,
              batch_size=16, eval_batch_size=8, diag_batch_size=4, diag_symmetry_probes=2,
@@ -57,45 +57,37 @@ def run(runs, env=None):
   return out, [json.loads(l[4:]) for l in out.stdout.splitlines() if l.startswith('ROW ')]
 
 
-def checkpoint_arrays(workdir):
-  with np.load(os.path.join(workdir, 'checkpoint.npz'), allow_pickle=False) as z:
-    return {k: z[k] for k in z.files if k != 'meta'}
-
-
 def test_mock_cifar10_and_cifar100_train_write_metrics_and_a_checkpoint_and_resume(tmp_path):
-  hundred, straight, killed = (str(tmp_path / n) for n in ('c100', 'straight', 'killed'))
+  hundred, ten = str(tmp_path / 'c100'), str(tmp_path / 'c10')
   two = dict(SMALL, num_epochs=2)
-  out, (row100, row10) = run([
-      ('cifar100', hundred, dict(SMALL, num_epochs=1, algorithm='hep', n_points=2), False),
-      ('cifar10', straight, two, False), ('cifar10', killed, two, True)])
+  out, (row10,) = run([('cifar100', hundred, two, True),  # killed after its first checkpoint
+                       ('cifar10', ten, dict(SMALL, num_epochs=1, algorithm='hep',
+                                             n_points=2, homeo_coef=0.0), False)])
   assert 'workdir: ' in out.stderr and 'step 2/2' in out.stderr and 'KILLED' in out.stdout
+  assert [r['epoch'] for r in read_rows(hundred)] == [1]
+  # The killed run resumes after its epoch-1 checkpoint, on another log interval (a field
+  # a resumed run may change). (Bit-identity of a resume: tests/test_skeleton.py.)
+  out, (row100,) = run([('cifar100', hundred, dict(two, log_every_steps=2), False)])
+  assert 'resuming' in out.stderr and 'epoch 1  step' not in out.stderr
+  rows = read_rows(hundred)
+  assert [r['epoch'] for r in rows] == [1, 2] and rows[1] == row100
   for row in (row10, row100):
     for key in ('train_loss', 'train_accuracy', 'test_error', 'test_top5_error',
-                'images_per_s', 'epoch_time_s', 'log10_residual', 'train_homeo_loss',
-                'dropped_samples', 'diag/symmetry', 'diag/cosine_exact', 'diag/weight_angle',
-                'diag/homeo_loss'):
+                'images_per_s', 'epoch_time_s', 'log10_residual', 'dropped_samples',
+                'diag/symmetry', 'diag/cosine_exact', 'diag/weight_angle', 'diag/homeo_loss'):
       assert key in row, key
     assert np.isfinite(row['train_loss']) and 0 <= row['test_top5_error'] <= row['test_error']
     assert len(row['diag/cosine_exact']) == 4 and len(row['diag/weight_angle']) == 3
     assert 0.5 < row['diag/symmetry'] <= 1
-  assert 'train_top5_accuracy' in row100 and 'diag/cosine_estimate' in row100
+    assert os.path.exists(os.path.join(ten, 'checkpoint.npz'))
+  assert 'train_top5_accuracy' in row100 and 'train_homeo_loss' in row100
+  assert 'diag/cosine_estimate' in row10 and 'train_homeo_loss' not in row10
   with open(os.path.join(hundred, 'config.json')) as f:
     saved = json.load(f)
   assert saved['dataset'] == 'cifar100' and saved['channels'] == [4, 8, 8, 8]
-  assert [r['epoch'] for r in read_rows(killed)] == [1]
-
-  # The killed run resumes after its epoch-1 checkpoint, on another log interval (a field
-  # a resumed run may change), and ends bit-identical to the uninterrupted run.
-  out, _ = run([('cifar10', killed, dict(two, log_every_steps=2), False)])
-  assert 'resuming' in out.stderr and 'epoch 1  step' not in out.stderr
-  assert [r['epoch'] for r in read_rows(killed)] == [1, 2]
-  a, b = checkpoint_arrays(straight), checkpoint_arrays(killed)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
   # A longer run is a different run: num_epochs fixes the cosine schedule.
   longer = subprocess.run([sys.executable, '-c', RUN, json.dumps(
-      [('cifar10', killed, dict(SMALL, num_epochs=3), False)])], cwd=ROOT,
+      [('cifar100', hundred, dict(SMALL, num_epochs=3), False)])], cwd=ROOT,
                           capture_output=True, text=True, check=False)
   assert longer.returncode != 0 and 'different config (num_epochs)' in longer.stderr
 
@@ -128,7 +120,7 @@ print('MAXDIFF', max(diffs), 'MOVED', moved)
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        check=False,
                        env={**os.environ,
-                            'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                            'XLA_FLAGS': TWO_DEVICES})
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith('MAXDIFF')][0].split()
   assert float(line[1]) < 1e-6 and float(line[3]) > 1e-5, line

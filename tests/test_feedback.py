@@ -18,7 +18,7 @@ import reference as dense_ref
 import fmnist_feedback as m
 from configs import fmnist_feedback as feedback_config
 import scripts
-from scripts import SMALL, read_rows
+from scripts import TWO_DEVICES, SMALL, read_rows
 
 
 def net_grads(*args):
@@ -354,7 +354,7 @@ def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path)
   workdir = str(tmp_path / 'run')
   args = [f'--workdir={workdir}', f'--config.data_dir={idx_dir}', *SMALL]
   first = run_script([*args, '--config.num_epochs=1'],
-                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                     env={'XLA_FLAGS': TWO_DEVICES})
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'step 2/2' in first.stderr and 'angle n/a' in first.stderr  # the progress display
   rows = read_rows(workdir)

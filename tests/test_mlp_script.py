@@ -15,7 +15,7 @@ import pytest
 import fmnist_mlp
 from configs import fmnist_mlp as mlp_config
 import scripts
-from scripts import ROOT, SMALL, read_rows
+from scripts import TWO_DEVICES, ROOT, SMALL, read_rows
 
 
 def run_script(args, env=None):
@@ -154,13 +154,7 @@ def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path)
   rows2 = read_rows(workdir)
   assert [r['epoch'] for r in rows2] == [1, 2] and rows2[0] == rows[0]
 
-  # The same two epochs in one go give the same model as the interrupted run.
-  straight = str(tmp_path / 'straight')
-  out = run_script([f'--workdir={straight}', f'--config.data_dir={idx_dir}', *SMALL,
-                    '--config.num_epochs=2'])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert read_rows(straight)[1]['train_loss'] == pytest.approx(rows2[1]['train_loss'], rel=1e-5)
-
+  # (That a resumed run ends bit-identical to an uninterrupted one: test_skeleton.py.)
   changed = run_script([*args, '--config.num_epochs=3', '--config.beta=0.1'])
   assert changed.returncode == 1 and 'different config (beta)' in changed.stderr
 
@@ -194,7 +188,7 @@ print('MAXDIFF', max(diffs), 'MOVED', moved)
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                        check=False,
                        env={**os.environ,
-                            'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                            'XLA_FLAGS': TWO_DEVICES})
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith('MAXDIFF')][0].split()
   assert float(line[1]) < 1e-6 and float(line[3]) > 1e-5, line
@@ -203,7 +197,7 @@ print('MAXDIFF', max(diffs), 'MOVED', moved)
 def test_two_device_training_run(idx_dir, tmp_path):
   out = run_script([f'--workdir={tmp_path}', f'--config.data_dir={idx_dir}', *SMALL,
                     '--config.num_epochs=1', '--config.batch_size=20'],
-                   env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                   env={'XLA_FLAGS': TWO_DEVICES})
   assert out.returncode == 0, out.stderr[-3000:]
   assert np.isfinite(read_rows(str(tmp_path))[0]['train_loss'])
 

@@ -217,27 +217,34 @@ def part_timing(args):
         line += f', {1e3 * run_s / t:.0f} ms per step'
       print(line, flush=True)
 
+  # Everything is passed as an argument (closed-over arrays would be constant-folded).
   c = with_order(config, 'synchronous')
   u_free, _ = jax.jit(lambda p, xd: cc.free_relaxation(c, p, xd))(params, x_drive)
   s_free = cc.activate(u_free)
   noise = cc.homeostatic_noise(c, key, ids)
   parts = {
-      f'nudged phase, exact d_beta s* (T_nudge {c.t_nudge})': lambda p: common.exact_dbeta(
-          cc.nudged_relaxation(c, p, cc.input_drive(p, x), labels, u_free)),
-      f'homeostatic_grads ({c.homeo_draws} draws)': lambda p: cc.homeostatic_grads(
-          c, p, x, s_free, noise),
-      'network_grads': lambda p: cc.network_grads(p, x, s_free, s_free),
+      f'nudged phase, exact d_beta s* (T_nudge {c.t_nudge})': (lambda p, x, y, u: (
+          common.exact_dbeta(cc.nudged_relaxation(c, p, cc.input_drive(p, x), y, u))),
+          (params, x, labels, u_free)),
+      f'homeostatic_grads ({c.homeo_draws} draws)': (lambda p, x, s, e: (
+          cc.homeostatic_grads(c, p, x, s, e)), (params, x, s_free, noise)),
+      'network_grads': (lambda p, x, s: cc.network_grads(p, x, s, s), (params, x, s_free)),
   }
-  for name, fn in parts.items():
-    compile_s, run_s = timed(fn, params)
-    print(f'{name}: {run_s:.1f} s, compile {compile_s:.1f} s', flush=True)
-  for algorithm in args.algorithms:
-    c = paper_config(batch_size=b, t_free=args.t_free, t_nudge=args.t_nudge,
-                     homeo_coef=args.homeo, algorithm=algorithm)
-    compile_s, run_s = timed(lambda p: cc.compute_grads(c, p, x, labels, key, ids), params)
-    print(f'compute_grads {algorithm} batch {b} T_free {c.t_free} T_nudge {c.t_nudge} '
-          f'homeo {c.homeo_coef:g}: {run_s:.1f} s per step, compile {compile_s:.1f} s '
+  for name, (fn, fn_args) in parts.items():
+    compile_s, run_s = timed(fn, *fn_args)
+    print(f'{name}: {run_s:.1f} s, compile {compile_s:.1f} s '
           f'(load {os.getloadavg()[0]:.1f})', flush=True)
+  for algorithm in args.algorithms:
+    for t_free, t_nudge, repeats in ((10, 4, 0), (args.t_free, args.t_nudge, 1)):
+      c = paper_config(batch_size=b, t_free=t_free, t_nudge=t_nudge, homeo_coef=args.homeo,
+                       algorithm=algorithm)
+      fn = lambda p, x, y, k, i: cc.compute_grads(c, p, x, y, k, i)
+      compile_s, run_s = timed(fn, params, x, labels, key, ids, repeats=repeats)
+      line = (f'compute_grads {algorithm} batch {b} T_free {t_free} T_nudge {t_nudge} '
+              f'homeo {c.homeo_coef:g}: compile {compile_s:.1f} s')
+      if repeats:
+        line += f', {run_s:.1f} s per step'
+      print(line + f' (load {os.getloadavg()[0]:.1f})', flush=True)
 
 
 def main():
