@@ -52,26 +52,7 @@ def test_tfds_loading_code_runs_on_mock_data():
 
 # ----------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize('overrides, message', [
-    (dict(n_points=-1), 'n_points must be >= 0'),
-    (dict(algorithm='hep', n_points=2, beta=0.0), 'beta'),
-    (dict(algorithm='hep', n_points=1, beta=-0.1), 'beta'),
-    (dict(algorithm='hep_continuous', n_points=4, beta=0.0), 'beta'),
-    (dict(algorithm='hep_continuous', n_points=1), 'n_points >= 2'),
-    (dict(algorithm='eqprop'), 'unknown algorithm'),
-    (dict(dataset='cifar10'), 'unknown dataset'),
-    (dict(optimizer='rmsprop'), 'unknown optimizer'),
-    (dict(layer_updates='random'), 'unknown layer_updates'),
-    (dict(batch_size=51), 'not divisible by the 2 devices'),
-    (dict(num_devices=4), 'only 2 local devices'),
-    (dict(t_free=0), 't_free must be >= 1'),
-])
-def test_bad_config_is_a_one_line_error(overrides, message):
-  config = mlp_config.get_config()
-  config.update(overrides)
-  with pytest.raises(fmnist_mlp.ConfigError, match=message) as error:
-    fmnist_mlp.resolve_config(config, num_local_devices=2)
-  assert '\n' not in str(error.value)
+# The table of bad config fields, shared by every script: tests/test_skeleton.py.
 
 
 def test_n_zero_means_the_exact_derivative():

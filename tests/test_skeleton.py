@@ -55,6 +55,8 @@ BAD_FIELDS = [
     (dict(tol=-1.0), 'tol must be >= 0'),
     (dict(diag_jacobian_samples=99), 'diag_jacobian_samples must be <= 50'),
     (dict(algorithm='eqprop'), 'unknown algorithm'),
+    (dict(algorithm='hep_continuous', n_points=1), 'hep_continuous needs n_points >= 2'),
+    (dict(continuous_average='sometimes'), 'unknown continuous_average'),
     (dict(layer_updates='alternating'), 'unknown layer_updates'),
     (dict(dataset='cifar10'), 'unknown dataset'),
     (dict(optimizer='rmsprop'), 'unknown optimizer'),
