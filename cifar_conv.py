@@ -475,15 +475,17 @@ def drives(params, s, x_drive):
   return tuple(layer_drive(params, s, x_drive, l) for l in range(len(s)))
 
 
+def dot(s, w):
+  """s @ w for a real or complex s and real weights (complex: two real matmuls)."""
+  if jnp.iscomplexobj(s):
+    w = w.astype(s.real.dtype)
+    return jax.lax.complex(s.real @ w, s.imag @ w)
+  return s @ w.astype(s.dtype)
+
+
 def readout_logits(params, s_out):
   """Readout of the flattened top state (batch, 1, 1, C_L) -> (batch, num_classes)."""
-  flat = s_out.reshape(s_out.shape[0], -1)
-  w = params['readout']['w']
-  if jnp.iscomplexobj(flat):
-    z = jax.lax.complex(flat.real @ w.astype(flat.real.dtype), flat.imag @ w.astype(flat.real.dtype))
-  else:
-    z = flat @ w.astype(flat.dtype)
-  return z + params['readout']['b']
+  return dot(s_out.reshape(s_out.shape[0], -1), params['readout']['w']) + params['readout']['b']
 
 
 def readout_loss(params, s_out, labels):
@@ -512,12 +514,7 @@ def loss_grad_s(params, s_out, labels):
   """g = dL/ds_out per sample, shape of s_out, L the softmax cross-entropy (holomorphic)."""
   logits = readout_logits(params, s_out)
   err = softmax(logits) - jax.nn.one_hot(labels, logits.shape[-1])
-  w = params['readout']['w']
-  if jnp.iscomplexobj(err):
-    g = jax.lax.complex(err.real @ w.T.astype(err.real.dtype), err.imag @ w.T.astype(err.real.dtype))
-  else:
-    g = err @ w.T.astype(err.dtype)
-  return g.reshape(s_out.shape)
+  return dot(err, params['readout']['w'].T).reshape(s_out.shape)
 
 
 def make_step(config, params, x_drive, labels=None):
@@ -556,9 +553,6 @@ def make_step(config, params, x_drive, labels=None):
         s[l] = sigma(u[l])
     return tuple(u)
 
-  if config.layer_updates not in LAYER_UPDATES:
-    raise ConfigError(f'unknown layer_updates {config.layer_updates!r} '
-                      f'(use one of {", ".join(LAYER_UPDATES)})')
   return synchronous if config.layer_updates == 'synchronous' else sequential
 
 
@@ -1047,8 +1041,8 @@ def resolve_config(config, num_local_devices):
   num_devices = c.num_devices or num_local_devices
   if num_devices > num_local_devices:
     raise ConfigError(f'num_devices={num_devices} but only {num_local_devices} local devices')
-  for name in ('batch_size', 'eval_batch_size', 'diag_batch_size'):
-    if name != 'diag_batch_size' and c[name] % num_devices:
+  for name in ('batch_size', 'eval_batch_size'):
+    if c[name] % num_devices:
       raise ConfigError(f'{name}={c[name]} is not divisible by the {num_devices} devices')
   return num_devices
 
