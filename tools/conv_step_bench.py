@@ -6,7 +6,9 @@ r"""Speed of one train step of the convnet scripts (cifar_conv.py, imagenet32_co
 
 Builds the script's own train step (make_train_step: augment, normalize, free phase,
 estimator, homeostasis, optimizer, pmean over the local devices) on random uint8 images and
-prints the compile time, the median step time, images/s and the process's peak memory.
+prints the compile time, the median step time, images/s and the process's peak memory;
+then the free relaxation alone (free_relaxation, jitted): ms per synchronous step, and its
+compile time at T_free and at T_free / 10 (flat in T: the steps are a loop, not unrolled).
 Defaults: the script's config (Table 2/4 settings) with the flags' changes.
 """
 import importlib
@@ -70,11 +72,31 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   step = float(np.median(times))
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+  params = jax.tree_util.tree_map(lambda a: a[0], state[0])
+  x_drive = script.input_drive(params, script.normalize(x[0], config.dataset))
+  relax_compile = {}
+  for t in (max(1, config.t_free // 10), config.t_free):
+    relax = jax.jit(lambda p, d, t=t: script.free_relaxation(_with(config, t_free=t), p, d))
+    t0 = time.perf_counter()
+    compiled = relax.lower(params, x_drive).compile()
+    relax_compile[t] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(compiled(params, x_drive))  # the T_free one
+  per_step = (time.perf_counter() - t0) / script.steps_for(config, config.t_free)
   print(f'{FLAGS.script} {config.algorithm}{config.n_points if config.algorithm == "hep" else ""}'
         f' homeo {config.homeo_coef:g} channels {tuple(config.channels)} T {config.t_free}/'
         f'{config.t_nudge} batch {b} free {config.free_dtype} on {devices} {jax.default_backend()}'
         f' device(s): compile {first - step:.1f} s, {step * 1000:.0f} ms/step, '
-        f'{b / step:.1f} img/s, peak {peak:.0f} MB')
+        f'{b / step:.1f} img/s, peak {peak:.0f} MB; free relaxation {per_step * 1000:.0f} ms per '
+        f'step at batch {b // devices}, compiled in '
+        + ', '.join(f'{s:.2f} s (T={t})' for t, s in relax_compile.items()))
+
+
+def _with(config, **changes):
+  copy = config.copy_and_resolve_references()
+  copy.update(changes)
+  return copy
 
 
 if __name__ == '__main__':
