@@ -1113,8 +1113,7 @@ def start_processes(config):
 def check_same_config(config):
   """Every process must run process 0's config (apart from the fields that say where it
   runs): compares a digest of run_config with process 0's."""
-  digest = hashlib.sha1(json.dumps(run_config(config), sort_keys=True).encode()).digest()
-  mine = np.frombuffer(digest, np.uint8)
+  mine = np.frombuffer(config_digest(config), np.uint8)
   if not np.array_equal(multihost_utils.broadcast_one_to_all(mine), mine):
     raise ConfigError(f'process {jax.process_index()} was started with another config than '
                       'process 0: start every process with the same flags')
@@ -1134,12 +1133,17 @@ def run_config(config):
   return {k: v for k, v in resolved.items() if k not in RESUMABLE_FIELDS}
 
 
+def config_digest(config):
+  """SHA-1 of run_config: equal digests, the same run."""
+  return hashlib.sha1(json.dumps(run_config(config), sort_keys=True).encode()).digest()
+
+
 def default_workdir(config):
   """runs/<script>/<dataset>_<algorithm and its main settings>-<hash of the run config>."""
   c = config
   name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
           f'hepcont{c.n_points}_beta{c.beta:g}'}.get(c.algorithm, c.algorithm)
-  digest = hashlib.sha1(json.dumps(run_config(c), sort_keys=True).encode()).hexdigest()[:8]
+  digest = config_digest(c).hex()[:8]
   return os.path.join('runs', SCRIPT[:-3],
                       f'{c.dataset}_{name}_homeo{c.homeo_coef:g}_seed{c.seed}-{digest}')
 
