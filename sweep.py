@@ -25,7 +25,7 @@ The plan (all seed 0 unless stated; the paper averages 5 seeds (3 for Fig. 3) an
   it does not depend on |beta|, so the paper's table has it once). 9 runs.
 * table1_cont (10 epochs): continuous-time hEP as the authors ran it (N = 4, 60 steps per
   point, 5 periods, no free phase, hold-end averages), |beta| = 0.05 and 0.5. 2 runs.
-  Together with table1 these are the paper's 11 cells of Table 1.
+  Together with table1 these are the paper's 11 cells of Table 1. Started last (see plan()).
 * fig3 (20 epochs): initial angle alpha in {0, 45, 90} x {bptt (the authors' "BP"
   baseline), hep_exact}. 6 runs.
 * fig4ad (20 epochs): fmnist_mlp.py, alpha 90, hep_exact, Adam 1e-4, lambda 0 vs 1, seeds
@@ -73,9 +73,10 @@ def plan():
       runs.append(_run('table1', f'hep{n}_beta{beta:g}', MLP, 50, algorithm='hep', n_points=n,
                        beta=beta))
   runs.append(_run('table1', 'exact', MLP, 50, algorithm='hep_exact'))
-  for beta in (0.05, 0.5):
-    runs.append(_run('table1_cont', f'cont4_beta{beta:g}', MLP, 10,
-                     **dict(CONTINUOUS_OVERRIDES), n_points=4, beta=beta))
+  for homeo in (0.0, 0.1):
+    for seed in (0, 1, 2):
+      runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
+                       homeo_coef=homeo))
   for algorithm in ('bptt', 'hep_exact'):
     for alpha in (0, 45, 90):
       runs.append(_run('fig3', f'{algorithm}_alpha{alpha}', MLP, 20, algorithm=algorithm,
@@ -85,14 +86,15 @@ def plan():
       runs.append(_run('fig4ad', f'homeo{homeo:g}_seed{seed}', MLP, 20, seed=seed,
                        algorithm='hep_exact', alpha=90.0, optimizer='adam',
                        learning_rate=1e-4, homeo_coef=homeo))
-  for homeo in (0.0, 0.1):
-    for seed in (0, 1, 2):
-      runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
-                       homeo_coef=homeo))
+  # Last: each continuous-time epoch costs about 20 of N = 2's (1200 steps per batch), so
+  # one of these runs takes over two hours on a core; the figures' runs come first.
+  for beta in (0.05, 0.5):
+    runs.append(_run('table1_cont', f'cont4_beta{beta:g}', MLP, 10,
+                     **dict(CONTINUOUS_OVERRIDES), n_points=4, beta=beta))
   return runs
 
 
-GROUPS = ('table1', 'table1_cont', 'fig3', 'fig4ad', 'fig4eh')
+GROUPS = ('table1', 'fig4eh', 'fig3', 'fig4ad', 'table1_cont')
 
 
 def select(runs, only):
