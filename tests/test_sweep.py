@@ -19,20 +19,28 @@ ROOT = sweep.ROOT
 def test_plan_has_every_cell_once():
   runs = sweep.plan()
   counts = collections.Counter(r.group for r in runs)
-  # Table 1: N = 1, 2, 4, 6 x |beta| = 0.05, 0.5, and the true d_beta s* once; the two
-  # continuous-time cells; Fig. 3: 3 angles x 2 algorithms; Fig. 4: 2 lambdas x 3 seeds.
-  assert counts == {'table1': 9, 'table1_cont': 2, 'fig3': 6, 'fig4ad': 6, 'fig4eh': 6}
+  # Table 1: N = 1, 2, 4, 6 x |beta| = 0.05, 0.5, and the true d_beta s* once, plus two
+  # more seeds of N = 1 at |beta| = 0.5; the two continuous-time cells; 4 short checks;
+  # Fig. 3: 3 angles x 2 algorithms; Fig. 4: 2 lambdas x 3 seeds.
+  assert counts == {'table1': 11, 'table1_cont': 2, 'fmnist_checks': 4, 'fig3': 6,
+                    'fig4ad': 6, 'fig4eh': 6}
   assert set(counts) == set(sweep.GROUPS)
   assert len({(r.group, r.name) for r in runs}) == len(runs)
   assert len({sweep.workdir(r, 'results_runs') for r in runs}) == len(runs)
   for r in runs:
     fields = dict(r.overrides)
     assert len(fields) == len(r.overrides)  # no field given twice
-    assert fields['num_epochs'] == {'table1': 50, 'table1_cont': 10, 'fig3': 20,
-                                    'fig4ad': 20, 'fig4eh': 50}[r.group]
+    if r.group != 'fmnist_checks':
+      assert fields['num_epochs'] == {'table1': 50, 'table1_cont': 10, 'fig3': 20,
+                                      'fig4ad': 20, 'fig4eh': 50}[r.group]
   table1 = {r.name: dict(r.overrides) for r in runs if r.group == 'table1'}
-  assert {(o.get('n_points'), o.get('beta')) for o in table1.values()
-          if o['algorithm'] == 'hep'} == {(n, b) for n in (1, 2, 4, 6) for b in (0.05, 0.5)}
+  cells = collections.Counter((o.get('n_points'), o.get('beta'), o['seed'])
+                              for o in table1.values() if o['algorithm'] == 'hep')
+  assert set(cells) == ({(n, b, 0) for n in (1, 2, 4, 6) for b in (0.05, 0.5)}
+                        | {(1, 0.5, 1), (1, 0.5, 2)})
+  assert max(cells.values()) == 1
+  # The continuous-time cells run last (over two hours each on a core).
+  assert [r.group for r in runs[-2:]] == ['table1_cont', 'table1_cont']
   fig4ad = [dict(r.overrides) for r in runs if r.group == 'fig4ad']
   assert all(o['alpha'] == 90 and o['optimizer'] == 'adam' and o['learning_rate'] == 1e-4
              and o['algorithm'] == 'hep_exact' for o in fig4ad)
@@ -114,7 +122,7 @@ def test_status_done_partial_todo_and_the_listing(tmp_path, capsys):
 
 def test_only_selects_groups_and_patterns():
   runs = sweep.plan()
-  assert len(sweep.select(runs, 'table1,fig4ad')) == 15
+  assert len(sweep.select(runs, 'table1,fig4ad')) == 17
   assert [r.name for r in sweep.select(runs, 'fig4eh/*seed2')] == ['homeo0_seed2',
                                                                    'homeo0.1_seed2']
   with pytest.raises(SystemExit, match='nothing matches'):
