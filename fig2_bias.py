@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -334,6 +335,18 @@ def continuous_analysis(config, x, labels):
 # Outputs: JSON, CSV, figures
 # ======================================================================================
 
+def git_commit():
+  """The checkout's commit, with '-dirty' when tracked files differ ('unknown' outside git)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--'], cwd=here).returncode
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('-dirty' if dirty else '')
+
+
 def summarize(cosines, keep):
   """Median, quartiles and mean over the kept samples of a (batch, L+1) array, per column."""
   c = cosines[keep]
@@ -579,7 +592,7 @@ def run(config, workdir):
               'dtype': 'float64' if config.x64 else 'float32',
               'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores '
                          f'({jax.devices()[0].platform}), {platform.platform()}',
-              'jax': jax.__version__, 'wall_s': None, 'cpu_s': None,
+              'jax': jax.__version__, 'commit': git_commit(), 'wall_s': None, 'cpu_s': None,
               'max_residual': threshold,
               'checkpoint_dir': config.checkpoint_dir or None,
               'checkpoint_training_config': trained and trained['training_config']},

@@ -254,6 +254,8 @@ def test_smoke_run_writes_every_output(tmp_path):
   assert set(summary['sweep']) == {'alpha0', 'alpha90', 'trained'}
   assert summary['how']['seed'] == 0 and summary['how']['batch_size'] == 6
   assert summary['how']['dtype'] == 'float64'
+  commit = summary['how']['commit']  # the producing commit, as the sweep's .meta.json
+  assert commit == 'unknown' or len(commit.split('-')[0]) == 40, commit
   tied = summary['sweep']['alpha0']
   assert tied['layers'] == ['h1', 'h2', 'out', 'all']
   assert tied['exact']['median'] == pytest.approx([1.0] * 4, abs=1e-9)
