@@ -16,15 +16,15 @@ of sweep.plan()) and writes
   paper's values), the Fig. 4 final values and a list of every run with its status.
 
 Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
-they reached. Where a run's results file is missing but an earlier run of the same setting
-is already in the repository (LEGACY below, e.g. results/fmnist_mlp/exact_s0_10epochs.jsonl),
-that file is used and the report says so. --out_dir defaults to --results_dir.
+they reached. A Table 1 cell with several seeds (`<name>`, `<name>_seed1`, ...) reports
+their mean ± std. --out_dir defaults to --results_dir.
 """
 import argparse
 import collections
 import json
 import math
 import os
+import re
 import sys
 
 import matplotlib
@@ -44,20 +44,6 @@ PAPER_TABLE1 = {
     (6, 0.5): '14.3 ± 0.6', ('cont', 0.5): '17.3 ± 1.0',
 }
 
-# Earlier runs of exactly a planned setting (seed 0, same overrides, fewer epochs), already in
-# the repository before the sweep existed: used only while the planned file is missing.
-LEGACY = {
-    'table1/exact': 'fmnist_mlp/exact_s0_10epochs.jsonl',
-    'table1/hep1_beta0.05': 'fmnist_mlp/epoch1_hep1_b0.05.jsonl',
-    'table1/hep2_beta0.05': 'fmnist_mlp/epoch1_hep2_s0.jsonl',
-    'table1/hep4_beta0.5': 'fmnist_mlp/epoch1_hep4_b0.5.jsonl',
-    'table1/hep6_beta0.5': 'fmnist_mlp/epoch1_hep6_b0.5.jsonl',
-    'fig3/hep_exact_alpha0': 'fmnist_mlp/exact_s0_10epochs.jsonl',
-    'fig3/bptt_alpha0': 'fmnist_mlp/epoch1_bptt.jsonl',
-    'fig4eh/homeo0.1_seed0': 'feedback/lambda0.1.jsonl',
-    'fig4eh/homeo0_seed0': 'feedback/lambda0.jsonl',
-}
-
 MLP_LAYERS = ('l1', 'l2', 'out')
 MLP_ANGLES = ('l1-l2', 'l2-out')
 LINESTYLES = ('-', '--', ':', '-.')
@@ -65,7 +51,7 @@ LINESTYLES = ('-', '--', ':', '-.')
 
 # ------------------------------------------------------------------------------- data
 
-Loaded = collections.namedtuple('Loaded', 'run rows epochs wanted source meta legacy')
+Loaded = collections.namedtuple('Loaded', 'run rows epochs wanted source meta')
 
 
 def read_rows(path):
@@ -82,29 +68,25 @@ def read_rows(path):
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def load(results_dir, use_legacy=True):
+def load(results_dir):
   """{'group/name': Loaded} for every planned run that has a results file."""
   loaded = {}
   for run in sweep.plan():
-    key = f'{run.group}/{run.name}'
     path, meta_path = sweep.result_paths(run, results_dir)
-    source = path
-    if not os.path.exists(path) and use_legacy and key in LEGACY:
-      source = os.path.join(results_dir, LEGACY[key])
-    if not os.path.exists(source):
+    if not os.path.exists(path):
       continue
-    rows = read_rows(source)
+    rows = read_rows(path)
     if not rows:
       continue
     meta = None
-    if source == path and os.path.exists(meta_path):
+    if os.path.exists(meta_path):
       try:
         with open(meta_path) as f:
           meta = json.load(f)
       except ValueError:
         meta = None
-    loaded[key] = Loaded(run, rows, max(r['epoch'] for r in rows), sweep.num_epochs(run),
-                         source, meta, source != path)
+    loaded[f'{run.group}/{run.name}'] = Loaded(run, rows, max(r['epoch'] for r in rows),
+                                               sweep.num_epochs(run), path, meta)
   return loaded
 
 
@@ -152,8 +134,6 @@ def final_error(items):
     text += f' ± {np.std(values, ddof=1):.2f} (n={len(values)})'
   reached, wanted = min(i.epochs for i in items), items[0].wanted
   text += f' ({reached}/{wanted} ep)' if reached < wanted else f' ({wanted} ep)'
-  if any(i.legacy for i in items):
-    text += ' †'
   return text
 
 
@@ -246,7 +226,9 @@ def fig4(loaded, group, conditions, path, title):
 def table1(loaded):
   """Markdown rows of Table 1: the paper's values and ours, per |beta|."""
   def cell(group, name):
-    items = [v for k, v in loaded.items() if k == f'{group}/{name}']
+    # Seed 0 is `name`, further seeds `name_seed<k>`.
+    items = [v for k, v in loaded.items()
+             if k == f'{group}/{name}' or re.fullmatch(rf'{group}/{name}_seed\d+', k)]
     return final_error(items) if items else 'missing'
 
   columns = [(n, 'table1', lambda b, n=n: f'hep{n}_beta{b:g}') for n in (1, 2, 4, 6)]
@@ -322,6 +304,43 @@ def fig4_table(loaded, group, conditions):
   return lines
 
 
+# Pairs of runs that differ in one setting: (what differs, [(label, run key)]).
+CHECKS = [
+    ('layer updates, hEP N = 2, \\|beta\\| = 0.05',
+     [('sequential (default)', 'table1/hep2_beta0.05'),
+      ('synchronous', 'fmnist_checks/synchronous_hep2')]),
+    ('layer updates, true d_beta s*',
+     [('sequential (default)', 'table1/exact'),
+      ('synchronous', 'fmnist_checks/synchronous_exact')]),
+    ('baselines (true gradient, up to T_nudge truncation)',
+     [('RBP, adjoint fixed point', 'fmnist_checks/rbp'),
+      ('BP through T_nudge (bptt)', 'fig3/bptt_alpha0'),
+      ('hEP, true d_beta s*', 'table1/exact')]),
+    ('continuous time, N = 4, \\|beta\\| = 0.5',
+     [("hold-end average (the authors')", 'table1_cont/cont4_beta0.5'),
+      ('every-step average (Eq. 8 literally)', 'fmnist_checks/cont4_every_step_beta0.5')]),
+]
+
+
+def checks_table(loaded):
+  lines = ['| check | run | test error % after epoch 1 / 2 | train loss, epoch 1 | '
+           'cosine exact vs delta, epoch 1 (l1 / l2 / out) | source |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for what, pairs in CHECKS:
+    for label, key in pairs:
+      item = loaded.get(key)
+      if item is None:
+        lines.append(f'| {what} | {label} | missing | | | {key} |')
+        continue
+      by_epoch = {r['epoch']: r for r in item.rows}
+      errors = ' / '.join(_fmt(by_epoch[e].get('test_error'), 4) if e in by_epoch else '–'
+                          for e in (1, 2))
+      first = by_epoch.get(1, {})
+      lines.append(f'| {what} | {label} | {errors} | {_fmt(first.get("train_loss"))} | '
+                   f'{_fmt(first.get("diag/cosine_exact"))} | {key} |')
+  return lines
+
+
 FIG4 = {
     'fig4ad': ([(0.0, 'lambda = 0'), (1.0, 'lambda = 1')],
                'Fig. 4a-d: reciprocal MLP, alpha0 = 90°, hEP exact, Adam 1e-4'),
@@ -334,13 +353,11 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--results_dir', default=os.path.join(sweep.ROOT, 'results'))
   p.add_argument('--out_dir', default='', help='report and figures/ (default: results_dir)')
-  p.add_argument('--no_legacy', action='store_true',
-                 help='ignore the earlier result files listed in LEGACY')
   args = p.parse_args(argv)
   out_dir = args.out_dir or args.results_dir
   figures = os.path.join(out_dir, 'figures')
   os.makedirs(figures, exist_ok=True)
-  loaded = load(args.results_dir, use_legacy=not args.no_legacy)
+  loaded = load(args.results_dir)
   shown = os.path.relpath(args.results_dir, sweep.ROOT)
   shown = args.results_dir if shown.startswith(os.pardir) else shown
 
@@ -348,8 +365,8 @@ def main(argv=None):
             f'Generated by `plot_fmnist.py` from `{shown}/<group>/<name>.jsonl` (the runs of `sweep.py`; `python sweep.py --list` shows '
             'their commands). Our numbers are single runs (seed 0) unless n is given; the '
             "paper's are means ± std over 5 seeds after 50 epochs. Epochs reached are given "
-            'in parentheses; † marks an earlier result file of the same setting (see the run '
-            'list).', '']
+            'in parentheses. Each results file has a `.meta.json` beside it: command, '
+            'producing commit, machine, wall time.', '']
   report += ['## Table 1: final-epoch test error (%)', '', *table1(loaded), '']
   report += ['Test error is on the 10,000 test images (the paper\'s "validation error"). '
              'Continuous-time: N = 4, 60 steps per point, 5 periods, no free phase.', '']
@@ -364,6 +381,9 @@ def main(argv=None):
     drawn = fig4(loaded, group, conditions, os.path.join(figures, f'{group}.png'), title)
     report += [f'## {title}', '', f'![{group}](figures/{group}.png)' if drawn else
                f'(no {group} run yet)', '', *fig4_table(loaded, group, conditions), '']
+  report += ['## Short checks: update order, baselines, continuous-time averages', '',
+             'Early epochs of runs that differ in one setting (seed 0, the Table 1 '
+             'settings otherwise).', '', *checks_table(loaded), '']
   rows, missing = run_table(loaded, args.results_dir)
   if missing:
     notes.append(f'{len(missing)} planned runs have no results yet (skipped): '
@@ -372,11 +392,6 @@ def main(argv=None):
   if partial:
     notes.append('Partial runs (drawn up to the epoch reached): ' + ', '.join(
         f'{k} ({loaded[k].epochs}/{loaded[k].wanted})' for k in partial) + '.')
-  legacy = [k for k, v in loaded.items() if v.legacy]
-  if legacy:
-    notes.append('† From earlier result files of the same setting (made before sweep.py, '
-                 'possibly with an earlier commit): ' + ', '.join(
-                     f'{k} <- {LEGACY[k]}' for k in legacy) + '.')
   report += ['## Notes', ''] + [f'* {n}' for n in notes] + ['']
   report += ['## Every planned run', '', *rows, '']
   path = os.path.join(out_dir, 'fmnist_report.md')

@@ -1,4 +1,4 @@
-"""plot_fmnist.py on fake results: complete, partial, multi-seed, legacy and missing runs."""
+"""plot_fmnist.py on fake results: complete, partial, multi-seed and missing runs."""
 import json
 import os
 
@@ -36,8 +36,12 @@ def test_report_and_figures_from_fake_results(tmp_path):
   _write(path('fig4eh/homeo0.1_seed0'), 50, homeo=0.1, mlp=False, start=0)
   with open(sweep.result_paths(runs['table1/hep2_beta0.05'], results)[1], 'w') as f:
     json.dump({'commit': 'abcdef0123456789-dirty'}, f)
-  # A legacy file stands in for a missing planned one.
-  _write(os.path.join(results, plot_fmnist.LEGACY['table1/exact']), 10)
+  # Table 1's N = 1, |beta| = 0.5 cell with three seeds: 30 - 10 - seed = 20, 19, 18.
+  for name, seed in (('hep1_beta0.5', 0), ('hep1_beta0.5_seed1', 1),
+                     ('hep1_beta0.5_seed2', 2)):
+    _write(path(f'table1/{name}'), 50, seed=seed)
+  # The short checks: 2 epochs of the synchronous update.
+  _write(path('fmnist_checks/synchronous_hep2'), 2, seed=3)
 
   assert plot_fmnist.main(['--results_dir', results]) == 0
   report = open(os.path.join(results, 'fmnist_report.md')).read()
@@ -48,9 +52,13 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert '20.00 (50 ep)' in report  # 30 - 0.2 * 50, hep2 at |beta| = 0.05
   assert '27.60 (12/50 ep)' in report  # the partial N = 6 cell
   assert '28.00 (10 ep)' in report  # continuous time, 10 epochs planned
-  assert '28.00 (10/50 ep) †' in report  # true d_beta s*, from the legacy file
-  assert 'table1/exact <- fmnist_mlp/exact_s0_10epochs.jsonl' in report
+  assert f'19.00 ± {np.std([20.0, 19.0, 18.0], ddof=1):.2f} (n=3) (50 ep)' in report
+  assert '| table1/exact | missing (0/50) |' in report
   assert 'table1/hep1_beta0.05' in report.split('## Notes')[1].split('\n* ')[2]  # missing
+  # Checks: test error after epochs 1 / 2 (30 - 0.2 e - 3), next to the sequential run.
+  assert '| synchronous | 26.8 / 26.6 | 0.5 | 0.79 / 0.7 / 0.99 |' in report
+  assert '| sequential (default) | 29.8 / 29.6 |' in report
+  assert '| synchronous | missing | | | fmnist_checks/synchronous_exact |' in report
   assert '| table1/hep6_beta0.5 | partial (12/50 epochs) |' in report
   assert '| fig4ad/homeo1_seed0 | done |' in report and 'abcdef012345 |' in report
   # Fig. 4a-d, lambda = 1: final errors 30 - 4 - 5 - seed = 21, 20, 19 -> 20 ± 1/sqrt(3).
@@ -60,10 +68,8 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert '| lambda = 0 | 0 | missing |' in report  # Fig. 4e-h without homeostasis
 
   out = str(tmp_path / 'elsewhere')
-  assert plot_fmnist.main(['--results_dir', results, '--out_dir', out, '--no_legacy']) == 0
-  report = open(os.path.join(out, 'fmnist_report.md')).read()
-  assert ' †' not in report.split('## Table 1')[1]
-  assert '| table1/exact | missing (0/50) |' in report
+  assert plot_fmnist.main(['--results_dir', results, '--out_dir', out]) == 0
+  assert open(os.path.join(out, 'fmnist_report.md')).read() == report
   assert os.path.exists(os.path.join(out, 'figures', 'fig3.png'))
 
 
