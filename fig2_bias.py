@@ -336,12 +336,15 @@ def continuous_analysis(config, x, labels):
 # ======================================================================================
 
 def git_commit():
-  """The checkout's commit, with '-dirty' when tracked files differ ('unknown' outside git)."""
+  """The checkout's commit, with '-dirty' when tracked files outside results/ differ
+  ('unknown' outside git)."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
                           text=True, check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--'], cwd=here).returncode
+    # Outputs under results/ do not make the code dirty; any other tracked change does.
+    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '.', ':(exclude)results'],
+                           cwd=here).returncode
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return head + ('-dirty' if dirty else '')

@@ -206,10 +206,13 @@ def git(*args, check=True):
 
 
 def git_commit_id():
-  """HEAD's commit, with '-dirty' when tracked files differ from it ('unknown' outside git)."""
+  """HEAD's commit, with '-dirty' when tracked files outside results/ differ from it
+  ('unknown' outside git)."""
   try:
     head = git('rev-parse', 'HEAD')
-    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--'], cwd=ROOT).returncode != 0
+    # Outputs under results/ do not make the code dirty; any other tracked change does.
+    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '.', ':(exclude)results'],
+                           cwd=ROOT).returncode != 0
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return head + ('-dirty' if dirty else '')
