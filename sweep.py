@@ -11,7 +11,8 @@ Every run is one command of a training script,
         --config.<field>=<value> ...
 
 whose workdir keeps the checkpoint: rerunning the same command resumes after the last
-finished epoch, so an interrupted sweep just starts again. A run counts as done once
+finished epoch, so an interrupted sweep just starts again (stop one with Ctrl-C or
+`kill PID`: it ends its runs, which lose at most the epoch in progress). A run counts as done once
 results/<group>/<name>.jsonl holds num_epochs epochs; done runs are skipped. When a run
 finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to a sidecar
 <name>.meta.json (command, producing git commit, date, machine, wall time), and with
@@ -47,6 +48,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -349,6 +351,11 @@ def parse_args(argv):
   return args
 
 
+def _stop(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
 def main(argv=None):
   args = parse_args(argv)
   runs = select(plan(), args.only)
@@ -362,6 +369,9 @@ def main(argv=None):
         prefix = '# done: ' if state[0] == 'done' else ''
         print(prefix + shlex.join(command(run, args.runs_dir, 'python')))
     return 0
+  # `kill PID` stops the sweep like Ctrl-C: its runs are ended and resume on the next sweep.
+  # (A sweep started with `&` from a script ignores SIGINT, so SIGTERM is the way to stop it.)
+  signal.signal(signal.SIGTERM, _stop)
   failed = run_all(runs, args)
   if failed:
     print('failed: ' + ', '.join(f'{r.group}/{r.name}' for r in failed))

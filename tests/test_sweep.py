@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -208,3 +209,62 @@ def test_commit_adds_exactly_the_two_result_files(tmp_path, monkeypatch):
   assert sorted(files[2:]) == ['results/table1/hep1_beta0.05.jsonl',
                                'results/table1/hep1_beta0.05.meta.json']
   assert 'other.txt' in git('diff', '--cached', '--name-only')
+
+
+SLOW_TRAINER = """\
+import os, sys, time
+args = dict(a[2:].split('=', 1) for a in sys.argv[2:])
+os.makedirs(args['workdir'], exist_ok=True)
+open(os.path.join(args['workdir'], 'pid'), 'w').write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_sigterm_stops_the_sweep_and_its_runs_even_with_sigint_ignored(tmp_path):
+  """A sweep started with `&` from a script ignores SIGINT; `kill PID` must still stop it."""
+  fake = tmp_path / 'slow_python'
+  fake.write_text(f'#!{sys.executable}\n' + SLOW_TRAINER)
+  fake.chmod(0o755)
+  runs_dir = tmp_path / 'runs'
+  cmd = [sys.executable, os.path.join(ROOT, 'sweep.py'), '--results_dir', str(tmp_path / 'r'),
+         '--runs_dir', str(runs_dir), '--only', 'fig3/bptt_alpha0', '--python', str(fake),
+         '--poll_s', '0.05']
+  import signal  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  pid_file = runs_dir / 'fig3' / 'bptt_alpha0' / 'pid'
+  deadline = time.time() + 60
+  while not pid_file.exists() or not pid_file.read_text():
+    assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  child = int(pid_file.read_text())
+  proc.send_signal(signal.SIGINT)  # ignored, as after `&`
+  time.sleep(0.3)
+  assert proc.poll() is None
+  proc.terminate()
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 130, out
+  assert 'interrupted; rerun the same command to resume' in out
+  with pytest.raises(ProcessLookupError):  # the run was ended (and reaped) too
+    os.kill(child, 0)
+
+
+def test_the_commit_is_dirty_for_code_changes_not_for_results(tmp_path, monkeypatch):
+  repo = tmp_path / 'repo'
+  (repo / 'results').mkdir(parents=True)
+  git = lambda *a: subprocess.run(['git', *a], cwd=repo, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+  git('init', '-q')
+  git('config', 'user.email', 'test@example.com')
+  git('config', 'user.name', 'test')
+  (repo / 'code.py').write_text('a\n')
+  (repo / 'results' / 'r.jsonl').write_text('{}\n')
+  git('add', '.')
+  git('commit', '-q', '-m', 'init')
+  monkeypatch.setattr(sweep, 'ROOT', str(repo))
+  head = git('rev-parse', 'HEAD')
+  assert sweep.git_commit_id() == head
+  (repo / 'results' / 'r.jsonl').write_text('{"epoch": 1}\n')
+  assert sweep.git_commit_id() == head
+  (repo / 'code.py').write_text('b\n')
+  assert sweep.git_commit_id() == head + '-dirty'
