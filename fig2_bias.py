@@ -548,6 +548,7 @@ def plot_continuous(path, config, cont):
 def run(config, workdir):
   """The whole analysis; returns the summary written to fig2.json."""
   t0, c0 = time.time(), time.process_time()
+  commit = git_commit()  # the code this run starts with
   trained = check_config(config)  # one-line ConfigError before any compute
   jax.config.update('jax_enable_x64', bool(config.x64))
   dtype = jnp.float64 if config.x64 else jnp.float32
@@ -595,7 +596,7 @@ def run(config, workdir):
               'dtype': 'float64' if config.x64 else 'float32',
               'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores '
                          f'({jax.devices()[0].platform}), {platform.platform()}',
-              'jax': jax.__version__, 'commit': git_commit(), 'wall_s': None, 'cpu_s': None,
+              'jax': jax.__version__, 'commit': commit, 'wall_s': None, 'cpu_s': None,
               'max_residual': threshold,
               'checkpoint_dir': config.checkpoint_dir or None,
               'checkpoint_training_config': trained and trained['training_config']},
