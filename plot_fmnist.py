@@ -147,6 +147,18 @@ def _band(ax, epochs, mean, spread, **kwargs):
   return line
 
 
+def save(fig, path, drawn):
+  """Writes the figure if anything was drawn; an empty one is not written (and an older file
+  of that name is removed, so no figure outlives its data)."""
+  if drawn:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+  elif os.path.exists(path):
+    os.remove(path)
+  plt.close(fig)
+  return drawn
+
+
 def fig3(loaded, path):
   """2 x 3 panels: rows bptt / hep_exact; weight angle, train loss, per-layer cosine."""
   fig, axes = plt.subplots(2, 3, figsize=(13, 7), squeeze=False)
@@ -183,10 +195,7 @@ def fig3(loaded, path):
       ax.legend(fontsize=6)
   fig.suptitle('Fig. 3: training dynamics vs initial angle (band = ±1 std over seeds '
                'where there are several)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return drawn
+  return save(fig, path, drawn)
 
 
 def fig4(loaded, group, conditions, path, title):
@@ -215,10 +224,7 @@ def fig4(loaded, group, conditions, path, title):
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
   fig.suptitle(title + ' (mean ± 1 standard error over seeds)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return drawn
+  return save(fig, path, drawn)
 
 
 # ------------------------------------------------------------------------------ report

@@ -78,3 +78,8 @@ def test_an_empty_results_folder_gives_a_report_of_missing_runs(tmp_path):
   report = open(tmp_path / 'fmnist_report.md').read()
   assert f'{len(sweep.plan())} planned runs have no results yet' in report
   assert '(no fig3 run yet)' in report
+  # No empty figure is written, and one left from an earlier report is removed.
+  assert not os.listdir(tmp_path / 'figures')
+  (tmp_path / 'figures' / 'fig4eh.png').write_bytes(b'old')
+  assert plot_fmnist.main(['--results_dir', str(tmp_path)]) == 0
+  assert not os.listdir(tmp_path / 'figures')
