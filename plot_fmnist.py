@@ -318,6 +318,9 @@ CHECKS = [
     ('layer updates, true d_beta s*',
      [('sequential (default)', 'table1/exact'),
       ('synchronous', 'fmnist_checks/synchronous_exact')]),
+    ('layer updates, classic EP N = 1, \\|beta\\| = 0.5',
+     [('sequential (default)', 'table1/hep1_beta0.5'),
+      ('synchronous', 'fmnist_checks/synchronous_hep1_beta0.5')]),
     ('baselines (true gradient, up to T_nudge truncation)',
      [('RBP, adjoint fixed point', 'fmnist_checks/rbp'),
       ('BP through T_nudge (bptt)', 'fig3/bptt_alpha0'),
@@ -329,7 +332,7 @@ CHECKS = [
 
 
 def checks_table(loaded):
-  lines = ['| check | run | test error % after epoch 1 / 2 | train loss, epoch 1 | '
+  lines = ['| check | run | test error % after epoch 1 / 2 / 10 | train loss, epoch 1 | '
            'cosine exact vs delta, epoch 1 (l1 / l2 / out) | source |',
            '| --- | --- | --- | --- | --- | --- |']
   for what, pairs in CHECKS:
@@ -340,7 +343,7 @@ def checks_table(loaded):
         continue
       by_epoch = {r['epoch']: r for r in item.rows}
       errors = ' / '.join(_fmt(by_epoch[e].get('test_error'), 4) if e in by_epoch else '–'
-                          for e in (1, 2))
+                          for e in (1, 2, 10))
       first = by_epoch.get(1, {})
       lines.append(f'| {what} | {label} | {errors} | {_fmt(first.get("train_loss"))} | '
                    f'{_fmt(first.get("diag/cosine_exact"))} | {key} |')

@@ -26,8 +26,9 @@ allows):
   6 points at |beta| = 0.05 and 0.5 (8 cells), and the true d_beta s* (`hep_exact`, 1 cell:
   it does not depend on |beta|, so the paper's table has it once). 9 runs; plus seeds 1 and
   2 of N = 1 at |beta| = 0.5 (`hep1_beta0.5_seed1`, `_seed2`), started after Fig. 3.
-* fmnist_checks: RBP for 1 epoch, the synchronous update for 2 epochs (hEP N = 2 and exact),
-  and, near the end, 1 epoch of continuous time with the every-step average of Eq. 8.
+* fmnist_checks: RBP for 1 epoch, the synchronous update for 2 epochs (hEP N = 2 and exact)
+  and for 10 epochs of N = 1 at |beta| = 0.5, and, near the end, 1 epoch of continuous time
+  with the every-step average of Eq. 8.
 * fig4eh (50 epochs): fmnist_feedback.py (its defaults: hep_exact, SGD 1e-2), lambda 0 vs
   0.1, seeds 0-2. 6 runs.
 * fig3 (20 epochs): initial angle alpha in {0, 45, 90} x {bptt (the authors' "BP"
@@ -87,6 +88,10 @@ def plan():
   runs.append(_run('fmnist_checks', 'synchronous_hep2', MLP, 2, layer_updates='synchronous'))
   runs.append(_run('fmnist_checks', 'synchronous_exact', MLP, 2, algorithm='hep_exact',
                    layer_updates='synchronous'))
+  # Does the update order explain Table 1's N = 1, |beta| = 0.5 cell? (A large one-sided
+  # nudge moves the state far from the free fixed point in T_nudge = 20 steps.)
+  runs.append(_run('fmnist_checks', 'synchronous_hep1_beta0.5', MLP, 10, algorithm='hep',
+                   n_points=1, beta=0.5, layer_updates='synchronous'))
   for homeo in (0.0, 0.1):
     for seed in (0, 1, 2):
       runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
