@@ -25,10 +25,10 @@ allows):
 * table1 (50 epochs, SGD 1e-2, alpha 0): the Cauchy estimate with N = 1 (classic EP), 2, 4,
   6 points at |beta| = 0.05 and 0.5 (8 cells), and the true d_beta s* (`hep_exact`, 1 cell:
   it does not depend on |beta|, so the paper's table has it once). 9 runs; plus seeds 1 and
-  2 of N = 1 at |beta| = 0.5 (`hep1_beta0.5_seed1`, `_seed2`), started after Fig. 3.
+  2 of N = 1 at |beta| = 0.5 (`hep1_beta0.5_seed1`, `_seed2`), started after Fig. 4e-h.
 * fmnist_checks: RBP for 1 epoch, the synchronous update for 2 epochs (hEP N = 2 and exact)
-  and for 10 epochs of N = 1 at |beta| = 0.5, and, near the end, 1 epoch of continuous time
-  with the every-step average of Eq. 8.
+  and for 10 epochs of N = 1 at |beta| = 0.5 (seeds 0-2), and, near the end, 1 epoch of
+  continuous time with the every-step average of Eq. 8.
 * fig4eh (50 epochs): fmnist_feedback.py (its defaults: hep_exact, SGD 1e-2), lambda 0 vs
   0.1, seeds 0-2. 6 runs.
 * fig3 (20 epochs): initial angle alpha in {0, 45, 90} x {bptt (the authors' "BP"
@@ -96,15 +96,18 @@ def plan():
     for seed in (0, 1, 2):
       runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
                        homeo_coef=homeo))
+  # Table 1's N = 1, |beta| = 0.5 cell (seed 0: 60 % against the paper's 38.4 +- 6.2 %):
+  # two more seeds of that cell, and of the 10-epoch synchronous check above.
+  for seed in (1, 2):
+    runs.append(_run('table1', f'hep1_beta0.5_seed{seed}', MLP, 50, seed=seed,
+                     algorithm='hep', n_points=1, beta=0.5))
+    runs.append(_run('fmnist_checks', f'synchronous_hep1_beta0.5_seed{seed}', MLP, 10,
+                     seed=seed, algorithm='hep', n_points=1, beta=0.5,
+                     layer_updates='synchronous'))
   for algorithm in ('bptt', 'hep_exact'):
     for alpha in (0, 45, 90):
       runs.append(_run('fig3', f'{algorithm}_alpha{alpha}', MLP, 20, algorithm=algorithm,
                        alpha=float(alpha)))
-  # Table 1's one disagreement with the paper (N = 1 at |beta| = 0.5, seed 0: 60 % against
-  # 38.4 +- 6.2 %): two more seeds of that cell.
-  for seed in (1, 2):
-    runs.append(_run('table1', f'hep1_beta0.5_seed{seed}', MLP, 50, seed=seed,
-                     algorithm='hep', n_points=1, beta=0.5))
   for homeo in (0.0, 1.0):
     for seed in (0, 1, 2):
       runs.append(_run('fig4ad', f'homeo{homeo:g}_seed{seed}', MLP, 20, seed=seed,

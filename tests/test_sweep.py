@@ -21,9 +21,9 @@ def test_plan_has_every_cell_once():
   runs = sweep.plan()
   counts = collections.Counter(r.group for r in runs)
   # Table 1: N = 1, 2, 4, 6 x |beta| = 0.05, 0.5, and the true d_beta s* once, plus two
-  # more seeds of N = 1 at |beta| = 0.5; the two continuous-time cells; 5 short checks;
+  # more seeds of N = 1 at |beta| = 0.5; the two continuous-time cells; 7 short checks;
   # Fig. 3: 3 angles x 2 algorithms; Fig. 4: 2 lambdas x 3 seeds.
-  assert counts == {'table1': 11, 'table1_cont': 2, 'fmnist_checks': 5, 'fig3': 6,
+  assert counts == {'table1': 11, 'table1_cont': 2, 'fmnist_checks': 7, 'fig3': 6,
                     'fig4ad': 6, 'fig4eh': 6}
   assert set(counts) == set(sweep.GROUPS)
   assert len({(r.group, r.name) for r in runs}) == len(runs)
