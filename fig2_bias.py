@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -51,6 +50,7 @@ import numpy as np
 
 import common
 import fmnist_mlp
+from sweep import git_commit_id  # the producing commit, as in the sweep's .meta.json
 from configs import fmnist_mlp as mlp_config
 
 FLAGS = flags.FLAGS
@@ -126,7 +126,7 @@ def load_trained(workdir):
     raise ConfigError(f'{workdir}/{fmnist_mlp.CHECKPOINT} does not hold fmnist_mlp.py MLP '
                       f'parameters ({e})') from e
   return {'params': params, 'epoch': ckpt['epoch'], 'hidden_sizes': tuple(net.hidden_sizes),
-          'training_config': ckpt['config']}
+          'config': net, 'training_config': ckpt['config']}
 
 
 # ======================================================================================
@@ -335,21 +335,6 @@ def continuous_analysis(config, x, labels):
 # Outputs: JSON, CSV, figures
 # ======================================================================================
 
-def git_commit():
-  """The checkout's commit, with '-dirty' when tracked files outside results/ differ
-  ('unknown' outside git)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True,
-                          text=True, check=True).stdout.strip()
-    # Outputs under results/ do not make the code dirty; any other tracked change does.
-    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '.', ':(exclude)results'],
-                           cwd=here).returncode
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return head + ('-dirty' if dirty else '')
-
-
 def summarize(cosines, keep):
   """Median, quartiles and mean over the kept samples of a (batch, L+1) array, per column."""
   c = cosines[keep]
@@ -548,7 +533,7 @@ def plot_continuous(path, config, cont):
 def run(config, workdir):
   """The whole analysis; returns the summary written to fig2.json."""
   t0, c0 = time.time(), time.process_time()
-  commit = git_commit()  # the code this run starts with
+  commit = git_commit_id()  # the code this run starts with
   trained = check_config(config)  # one-line ConfigError before any compute
   jax.config.update('jax_enable_x64', bool(config.x64))
   dtype = jnp.float64 if config.x64 else jnp.float32

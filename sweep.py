@@ -12,11 +12,11 @@ Every run is one command of a training script,
 
 whose workdir keeps the checkpoint: rerunning the same command resumes after the last
 finished epoch, so an interrupted sweep just starts again (stop one with Ctrl-C or
-`kill PID`: it ends its runs, which lose at most the epoch in progress). A run counts as done once
-results/<group>/<name>.jsonl holds num_epochs epochs; done runs are skipped. When a run
-finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to a sidecar
-<name>.meta.json (command, producing git commit, date, machine, wall time), and with
---commit exactly those two files are committed.
+`kill PID`: it ends its runs, which lose at most the epoch in progress). A run counts as
+done once results/<group>/<name>.jsonl holds num_epochs epochs; done runs are skipped.
+When a run finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to
+a sidecar <name>.meta.json (command, producing git commit, date, machine, wall time), and
+with --commit exactly those two files are committed.
 
 The plan, in the order the runs start (all seed 0 unless stated; the paper averages 5 seeds
 (3 for Fig. 3) and trains 50 epochs everywhere; the epoch counts below are what a CPU budget

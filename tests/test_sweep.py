@@ -3,6 +3,7 @@ finished run, with fake training scripts and fake results (nothing is trained)."
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -229,7 +230,6 @@ def test_sigterm_stops_the_sweep_and_its_runs_even_with_sigint_ignored(tmp_path)
   cmd = [sys.executable, os.path.join(ROOT, 'sweep.py'), '--results_dir', str(tmp_path / 'r'),
          '--runs_dir', str(runs_dir), '--only', 'fig3/bptt_alpha0', '--python', str(fake),
          '--poll_s', '0.05']
-  import signal  # pylint: disable=g-import-not-at-top
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
   pid_file = runs_dir / 'fig3' / 'bptt_alpha0' / 'pid'

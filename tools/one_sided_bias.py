@@ -39,26 +39,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fig2_bias  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fmnist_mlp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import fmnist_mlp as mlp_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def load_params(checkpoint_dir):
   """(config, params, epoch) of a checkpoint's run, or of the default config at init."""
-  config = mlp_config.get_config()
   if not checkpoint_dir:
+    config = mlp_config.get_config()
     fmnist_mlp.resolve_config(config, 1)
     return config, fmnist_mlp.init_params(jax.random.PRNGKey(config.seed), config), 0
-  ckpt = fmnist_mlp.read_checkpoint(checkpoint_dir)
-  if ckpt is None:
-    raise SystemExit(f'one_sided_bias.py: error: no {fmnist_mlp.CHECKPOINT} in '
-                     f'{checkpoint_dir}')
-  config.update({k: (tuple(v) if isinstance(v, list) else v)
-                 for k, v in ckpt['config'].items() if k in config})
-  fmnist_mlp.resolve_config(config, 1)
-  params = fmnist_mlp.init_params(jax.random.PRNGKey(0), config)
-  template = (params, fmnist_mlp.make_optimizer(config).init(params))
-  return config, fmnist_mlp.restore_state(ckpt, template)[0], ckpt['epoch']
+  try:
+    trained = fig2_bias.load_trained(checkpoint_dir)
+  except fmnist_mlp.ConfigError as e:
+    raise SystemExit(f'one_sided_bias.py: error: {e}') from e
+  return trained['config'], trained['params'], trained['epoch']
 
 
 def flat_network_grads(params, x, s_free, error):
