@@ -15,8 +15,9 @@ finished epoch, so an interrupted sweep just starts again (stop one with Ctrl-C 
 `kill PID`: it ends its runs, which lose at most the epoch in progress). A run counts as
 done once results/<group>/<name>.jsonl holds num_epochs epochs; done runs are skipped.
 When a run finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to
-a sidecar <name>.meta.json (command, producing git commit, date, machine, wall time), and
-with --commit exactly those two files are committed.
+a sidecar <name>.meta.json (command, producing git commit, date, machine, wall time since
+the last start, summed epoch time of all epochs), and with --commit exactly those two
+files are committed.
 
 The plan, in the order the runs start (all seed 0 unless stated; the paper averages 5 seeds
 (3 for Fig. 3) and trains 50 epochs everywhere; the epoch counts below are what a CPU budget
@@ -242,6 +243,19 @@ def machine():
   return info
 
 
+def train_time_in(path):
+  """The summed `epoch_time_s` of a metrics.jsonl file: the training time of every epoch,
+  those before a restart included (wall_time_s counts only since the last start)."""
+  total = 0.0
+  with open(path) as f:
+    for line in f:
+      try:
+        total += float(json.loads(line).get('epoch_time_s', 0.0))
+      except (ValueError, TypeError, AttributeError):
+        continue
+  return total
+
+
 def finish(run, args, started_commit, started_at, wall_s, start_epoch):
   """Copies a finished run's metrics into results/ with its sidecar; returns the two paths."""
   metrics, meta = result_paths(run, args.results_dir)
@@ -255,6 +269,7 @@ def finish(run, args, started_commit, started_at, wall_s, start_epoch):
       'started': started_at,
       'machine': machine(),
       'wall_time_s': round(wall_s, 1),
+      'train_time_s': round(train_time_in(metrics), 1),
       'epochs': epochs_in(metrics),
       'resumed_after_epoch': start_epoch,
   }

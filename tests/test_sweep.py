@@ -83,7 +83,7 @@ def _write_metrics(path, epochs, start=1):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     for e in range(start, epochs + 1):
-      f.write(json.dumps({'epoch': e, 'test_error': 50.0 - e}) + '\n')
+      f.write(json.dumps({'epoch': e, 'test_error': 50.0 - e, 'epoch_time_s': 2.0}) + '\n')
 
 
 def test_status_done_partial_todo_and_the_listing(tmp_path, capsys):
@@ -140,7 +140,8 @@ path = os.path.join(workdir, 'metrics.jsonl')
 rows = open(path).read().splitlines() if os.path.exists(path) else []
 with open(path, 'a') as f:
   for e in range(len(rows) + 1, epochs + 1):
-    f.write(json.dumps({'epoch': e, 'script': sys.argv[1], 'args': args}) + '\\n')
+    f.write(json.dumps({'epoch': e, 'script': sys.argv[1], 'args': args,
+                        'epoch_time_s': 1.5}) + '\\n')
 print('trained', workdir, 'nice', os.nice(0))
 sys.exit(3 if 'alpha90' in workdir else 0)
 """
@@ -176,6 +177,9 @@ def test_run_all_resumes_copies_results_and_writes_the_sidecar(tmp_path, capsys)
     assert sidecar['machine']['nproc'] == os.cpu_count()
     assert sidecar['epochs'] == 20 and sidecar['wall_time_s'] >= 0
     assert sidecar['resumed_after_epoch'] == (5 if name == 'bptt_alpha45' else 0)
+    # Every epoch's time, those written before the resume included.
+    assert sidecar['train_time_s'] == (5 * 2.0 + 15 * 1.5 if name == 'bptt_alpha45'
+                                       else 30.0)
     log = open(os.path.join(sweep.workdir(run, runs_dir), 'sweep.log')).read()
     assert f'nice {os.nice(0) + 3}' in log  # niced relative to the sweep's own niceness
   assert not os.path.exists(sweep.result_paths(by_name['fig3/bptt_alpha90'], results)[0])
