@@ -30,9 +30,9 @@ def test_report_and_figures_from_fake_results(tmp_path):
   _write(path('fig3/bptt_alpha0'), 20)
   _write(path('fig3/hep_exact_alpha90'), 1)  # one point
   for seed in (0, 1, 2):
-    _write(path(f'fig4ad/homeo1_seed{seed}'), 20, seed=seed, homeo=1.0)
+    _write(path(f'fig4ad/homeo1_seed{seed}'), 50, seed=seed, homeo=1.0)
   for seed in (0, 1):
-    _write(path(f'fig4ad/homeo0_seed{seed}'), 20 if seed else 7, seed=seed)
+    _write(path(f'fig4ad/homeo0_seed{seed}'), 50 if seed else 7, seed=seed)
   _write(path('fig4eh/homeo0.1_seed0'), 50, homeo=0.1, mlp=False, start=0)
   with open(sweep.result_paths(runs['table1/hep2_beta0.05'], results)[1], 'w') as f:
     json.dump({'commit': 'abcdef0123456789-dirty'}, f)
@@ -61,10 +61,10 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert '| synchronous | missing | | | fmnist_checks/synchronous_exact |' in report
   assert '| table1/hep6_beta0.5 | partial (12/50 epochs) |' in report
   assert '| fig4ad/homeo1_seed0 | done |' in report and 'abcdef012345 |' in report
-  # Fig. 4a-d, lambda = 1: final errors 30 - 4 - 5 - seed = 21, 20, 19 -> 20 ± 1/sqrt(3).
-  se = np.std([21.0, 20.0, 19.0], ddof=1) / np.sqrt(3)
-  assert f'| lambda = 1 | 3 (epochs reached: 20 of 20) | 20 ± {se:.2g} |' in report
-  assert '| lambda = 0 | 2 (epochs reached: 7, 20 of 20) |' in report
+  # Fig. 4a-d, lambda = 1: final errors 30 - 10 - 5 - seed = 15, 14, 13 -> 14 ± 1/sqrt(3).
+  se = np.std([15.0, 14.0, 13.0], ddof=1) / np.sqrt(3)
+  assert f'| lambda = 1 | 3 (epochs reached: 50 of 50) | 14 ± {se:.2g} |' in report
+  assert '| lambda = 0 | 2 (epochs reached: 7, 50 of 50) |' in report
   assert '| lambda = 0 | 0 | missing |' in report  # Fig. 4e-h without homeostasis
 
   out = str(tmp_path / 'elsewhere')
