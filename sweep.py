@@ -34,11 +34,11 @@ allows):
   0.1, seeds 0-2. 6 runs.
 * fig3 (20 epochs): initial angle alpha in {0, 45, 90} x {bptt (the authors' "BP"
   baseline), hep_exact}. 6 runs.
-* fig4ad (50 epochs, the paper's): fmnist_mlp.py, alpha 90, hep_exact, Adam 1e-4, lambda 0 vs 1, seeds
-  0-2. 6 runs.
+* fig4ad (50 epochs, the paper's): fmnist_mlp.py, alpha 90, hep_exact, Adam 1e-4, lambda
+  0 vs 1, seeds 0-2. 6 runs.
 * table1_cont (10 epochs): continuous-time hEP as the authors ran it (N = 4, 60 steps per
   point, 5 periods, no free phase, hold-end averages), |beta| = 0.05 and 0.5. 2 runs of
-  over two hours each on one core, so they come last. Together with table1 these are the
+  one to two hours each on one core (61-63 min on an Intel Xeon), so they come last. Together with table1 these are the
   paper's 11 cells of Table 1.
 """
 import argparse
