@@ -54,20 +54,6 @@ LINESTYLES = ('-', '--', ':', '-.')
 Loaded = collections.namedtuple('Loaded', 'run rows epochs wanted source meta')
 
 
-def read_rows(path):
-  """metrics.jsonl rows sorted by epoch (unreadable lines skipped; last row of an epoch wins)."""
-  by_epoch = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and isinstance(row.get('epoch'), int):
-        by_epoch[row['epoch']] = row
-  return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def load(results_dir):
   """{'group/name': Loaded} for every planned run that has a results file."""
   loaded = {}
@@ -75,7 +61,7 @@ def load(results_dir):
     path, meta_path = sweep.result_paths(run, results_dir)
     if not os.path.exists(path):
       continue
-    rows = read_rows(path)
+    rows = sweep.read_rows(path)
     if not rows:
       continue
     meta = None

@@ -38,8 +38,8 @@ allows):
   0 vs 1, seeds 0-2. 6 runs.
 * table1_cont (10 epochs): continuous-time hEP as the authors ran it (N = 4, 60 steps per
   point, 5 periods, no free phase, hold-end averages), |beta| = 0.05 and 0.5. 2 runs of
-  one to two hours each on one core (61-63 min on an Intel Xeon), so they come last. Together with table1 these are the
-  paper's 11 cells of Table 1.
+  one to two hours each on one core (61-63 min on an Intel Xeon), so they come last.
+  Together with table1 these are the paper's 11 cells of Table 1.
 """
 import argparse
 import collections
@@ -175,24 +175,28 @@ def result_paths(run, results_dir):
   return base + '.jsonl', base + '.meta.json'
 
 
-def epochs_in(path):
-  """The last epoch recorded in a metrics.jsonl file (0 if missing or unreadable)."""
-  last = 0
+def read_rows(path):
+  """metrics.jsonl rows sorted by epoch (unreadable lines skipped; last row of an epoch wins;
+  [] if the file is missing or unreadable)."""
+  by_epoch = {}
   try:
     with open(path) as f:
       for line in f:
-        line = line.strip()
-        if not line:
-          continue
         try:
-          epoch = json.loads(line).get('epoch')
-        except (ValueError, AttributeError):
+          row = json.loads(line)
+        except ValueError:
           continue
-        if isinstance(epoch, int):
-          last = max(last, epoch)
+        if isinstance(row, dict) and isinstance(row.get('epoch'), int):
+          by_epoch[row['epoch']] = row
   except OSError:
-    return 0
-  return last
+    return []
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def epochs_in(path):
+  """The last epoch recorded in a metrics.jsonl file (0 if missing or unreadable)."""
+  rows = read_rows(path)
+  return rows[-1]['epoch'] if rows else 0
 
 
 def status(run, results_dir, runs_dir):
@@ -243,17 +247,10 @@ def machine():
   return info
 
 
-def train_time_in(path):
-  """The summed `epoch_time_s` of a metrics.jsonl file: the training time of every epoch,
-  those before a restart included (wall_time_s counts only since the last start)."""
-  total = 0.0
-  with open(path) as f:
-    for line in f:
-      try:
-        total += float(json.loads(line).get('epoch_time_s', 0.0))
-      except (ValueError, TypeError, AttributeError):
-        continue
-  return total
+def train_time(rows):
+  """The summed `epoch_time_s` of metrics rows: the training time of every epoch, those
+  before a restart included (wall_time_s counts only since the last start)."""
+  return sum(r['epoch_time_s'] for r in rows if isinstance(r.get('epoch_time_s'), (int, float)))
 
 
 def finish(run, args, started_commit, started_at, wall_s, start_epoch):
@@ -262,6 +259,7 @@ def finish(run, args, started_commit, started_at, wall_s, start_epoch):
   os.makedirs(os.path.dirname(metrics), exist_ok=True)
   shutil.copyfile(os.path.join(workdir(run, args.runs_dir), 'metrics.jsonl'), metrics)
   end_commit = git_commit_id()
+  rows = read_rows(metrics)
   sidecar = {
       'command': shlex.join(command(run, args.runs_dir, 'python')),
       'commit': started_commit,
@@ -269,8 +267,8 @@ def finish(run, args, started_commit, started_at, wall_s, start_epoch):
       'started': started_at,
       'machine': machine(),
       'wall_time_s': round(wall_s, 1),
-      'train_time_s': round(train_time_in(metrics), 1),
-      'epochs': epochs_in(metrics),
+      'train_time_s': round(train_time(rows), 1),
+      'epochs': rows[-1]['epoch'] if rows else 0,
       'resumed_after_epoch': start_epoch,
   }
   if end_commit != started_commit:

@@ -97,11 +97,11 @@ def measure(config, params, x, labels, beta_abs):
 def truncation(config, params, x, labels, beta, long_steps=400):
   """{(order, steps): median relative error of e(beta) against 400 synchronous steps}."""
   estimates = {}
+  x_drive = fmnist_mlp.input_drive(params, x)
   for order in ('sequential', 'synchronous'):
     for steps in (config.t_nudge, long_steps):
       c = config.copy_and_resolve_references()
       c.layer_updates, c.t_nudge, c.t_free = order, steps, max(config.t_free, long_steps)
-      x_drive = fmnist_mlp.input_drive(params, x)
       u_free, _ = fmnist_mlp.free_relaxation(c, params, x_drive)
       relax = fmnist_mlp.nudged_relaxation(c, params, x_drive, labels, u_free)
       estimates[order, steps] = common.cauchy_estimate(relax, fmnist_mlp.activate(u_free),
