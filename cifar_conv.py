@@ -1,323 +1,45 @@
 r"""Generalized holomorphic EP on the recurrent convolutional network (Laborieux & Zenke, ICLR 2024).
 
-Paper: Table 2 (CIFAR-10/100, ImageNet 32x32) and Fig. 4i-l. Network and dynamics of App. D.2
-("Convolutional networks"): four 3x3 convolutional layers with softmax pooling, reciprocal
-connections whose backward kernels are independent of the forward ones (so the Jacobian at the
-fixed point is not symmetric unless the kernels are tied), hyperparameters of Table 4.
+Paper: Table 2 (CIFAR-10/100; ImageNet 32x32 in imagenet32_conv.py, which imports this file)
+and Fig. 4i-l. Network and dynamics of App. D.2 ("Convolutional networks"): four 3x3
+convolutional layers with softmax pooling, reciprocal connections whose backward kernels are
+independent of the forward ones (so the Jacobian at the fixed point is not symmetric unless
+the kernels are tied), hyperparameters of Table 4.
 
     python cifar_conv.py --config=configs/cifar10.py --workdir=runs/cifar10
     python cifar_conv.py --config=configs/cifar10.py --config.algorithm=hep --config.n_points=2
 
-The script reads top to bottom like fmnist_mlp.py: data, network, gradient estimators, train
-step, diagnostics, checkpointing, main loop. The shared math (fixed point, Cauchy estimate,
-RBP, homeostatic loss) lives in common.py.
+The script reads top to bottom beside the paper: network, gradient estimators, train step,
+diagnostics, data, config checks, main loop. The shared math (fixed point, Cauchy estimate,
+RBP, homeostatic loss) lives in common.py, the run machinery (workdir, checkpoint, metrics,
+processes, command line) in harness.py.
 
 Sign convention (the authors' code; see the README): the nudge ADDS beta * dL/ds_out to the
 output layer's drive, where L is the softmax cross-entropy of the readout. Then
 (dG/dtheta)^T d_beta s* is the gradient of L itself, descended like any other gradient.
 (App. D.2 writes the nudge as +beta w_ro^T (y - softmax), the opposite sign.)
-"""
-import gzip
-import hashlib
-import importlib.util
-import json
-import math
-import os
-import queue
-import sys
-import threading
-import time
-import zlib
 
-from absl import app
-from absl import flags
+Several processes (multi-host): each drives its local devices and reads only its share of
+every global batch (harness.process_batch_indices); the gradient all-reduce and the metrics
+span every device of every process; process 0 alone writes the workdir and, at start,
+broadcasts its checkpoint. See imagenet32_conv.py for the command lines.
+"""
+import collections
+import os
+import math
+
 from absl import logging
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
 import common
+import harness
 
 ALGORITHMS = ('hep', 'hep_exact', 'hep_continuous', 'rbp', 'bptt')
-LAYER_UPDATES = ('synchronous', 'sequential')
 FREE_DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 SCRIPT = os.path.basename(__file__)
-
-
-class ConfigError(ValueError):
-  """Bad input, reported as one line before any compute is spent."""
-
-
-# ======================================================================================
-# Data
-# ======================================================================================
-# Images stay uint8 (n, 32, 32, 3) on the host; every batch is augmented and normalised on
-# the device inside the jitted step (augment, then normalize), so the host only gathers
-# rows of an in-memory array.
-#
-# Normalisation (the authors' convention): per-channel mean, and std multiplied by 1.5.
-# CIFAR-100 uses the CIFAR-10 constants, as the authors do. Fashion-MNIST-32 (used to check
-# that the convnet learns without internet) uses the Fashion-MNIST pixel mean and std.
-
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR_STD = tuple(1.5 * s for s in (0.2023, 0.1994, 0.2010))
-DATASETS = {
-    'cifar10': dict(num_classes=10, mean=_CIFAR_MEAN, std=_CIFAR_STD,
-                    train_size=50000, test_size=10000),
-    'cifar100': dict(num_classes=100, mean=_CIFAR_MEAN, std=_CIFAR_STD,
-                     train_size=50000, test_size=10000),
-    # Fashion-MNIST padded to 32 x 32 (2 black pixels per side), grey channel x 3.
-    'fashion_mnist': dict(num_classes=10, mean=(0.2860,) * 3, std=(1.5 * 0.3530,) * 3,
-                          train_size=60000, test_size=10000),
-}
-TFDS_URLS = {  # what TFDS downloads to prepare each data set (checked before it tries)
-    'cifar10': 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',
-    'cifar100': 'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz',
-}
-DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
-IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-             'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
-CROP_PAD = 2  # pad 32 x 32 to 36 x 36, then take a random 32 x 32 window
-
-
-def read_idx(path):
-  """A gzipped uint8 IDX file (the MNIST format) as an array; ConfigError if unreadable."""
-  try:
-    with gzip.open(path, 'rb') as f:
-      data = f.read()
-    if len(data) < 4 or data[0:3] != b'\x00\x00\x08':
-      raise ValueError('not a uint8 IDX file')
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-  except (EOFError, OSError, zlib.error, ValueError) as e:  # BadGzipFile is an OSError
-    raise ConfigError(f'cannot read {path} ({type(e).__name__}: {e}); '
-                      'the file is truncated or not a gzipped IDX file') from e
-
-
-def load_fashion_mnist_32(folder):
-  """Fashion-MNIST from the four IDX .gz files, as uint8 (n, 32, 32, 3) CIFAR look-alikes."""
-  missing = [f for pair in IDX_FILES.values() for f in pair
-             if not os.path.exists(os.path.join(folder, f))]
-  if missing:
-    raise ConfigError(f'Fashion-MNIST IDX files missing in {folder}: {", ".join(missing)} '
-                      '(install the Debian package dataset-fashion-mnist or set '
-                      '--config.data_dir)')
-  out = {}
-  for split, (images, labels) in IDX_FILES.items():
-    x, y = (read_idx(os.path.join(folder, f)) for f in (images, labels))
-    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
-      raise ConfigError(f'{folder}: {split} images {x.shape} and labels {y.shape} are not '
-                        'n x 28 x 28 images with n labels')
-    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # zeros = black, as Fashion-MNIST's background
-    out[split] = (np.repeat(x[..., None], 3, axis=-1), y.astype(np.int32))
-  return out
-
-
-def url_reachable(url, timeout_s=3.0):
-  """Whether an HTTP HEAD of `url` succeeds (status < 400) within timeout_s in total.
-
-  Goes through requests, so HTTP(S)_PROXY settings apply as they do for TFDS's download.
-  Runs in a daemon thread, because the name lookup has no timeout of its own.
-  """
-  import requests  # pylint: disable=g-import-not-at-top  (a TFDS dependency)
-  reached = threading.Event()
-
-  def head():
-    try:
-      if requests.head(url, timeout=timeout_s, allow_redirects=True).status_code < 400:
-        reached.set()
-    except requests.RequestException:
-      pass
-
-  thread = threading.Thread(target=head, daemon=True)
-  thread.start()
-  thread.join(timeout_s)
-  return reached.is_set()
-
-
-def _tensorflow_installed():
-  return importlib.util.find_spec('tensorflow') is not None
-
-
-def preparation_problem(name, data_dir):
-  """Why TFDS cannot prepare `name` here (one line), or None; answers within seconds.
-
-  Without these checks TFDS retries an unreachable download for minutes (3.4 min with no
-  internet), and TensorFlow, which TFDS needs to prepare CIFAR (not to read it), would
-  only be found missing after the download.
-  """
-  hint = (f'or set --config.tfds_data_dir to a folder holding {name} prepared by TFDS '
-          '(array_record format)')
-  if not _tensorflow_installed():
-    return (f'{name} is not prepared in {data_dir}; preparing it needs TensorFlow and '
-            f'internet: pip install tensorflow-cpu and rerun with internet, {hint}')
-  if not url_reachable(TFDS_URLS[name]):
-    return (f'{name} is not prepared in {data_dir} and {TFDS_URLS[name]} cannot be '
-            f'reached to download it (no internet?): rerun with internet, {hint}')
-  return None
-
-
-def _read_source(source):
-  """All examples of a TFDS data source as (uint8 images, int32 labels), read one by one."""
-  examples = [source[i] for i in range(len(source))]
-  return (np.stack([np.asarray(e['image'], np.uint8) for e in examples]),
-          np.asarray([e['label'] for e in examples], np.int32))
-
-
-def load_tfds(name, data_dir):
-  """CIFAR-10/100 from TFDS, downloaded and prepared (array_record) on first use.
-
-  Reads through tfds data sources (random access, decoded with PIL), so reading prepared
-  data needs no TensorFlow. Data prepared earlier by tfds.load (tfrecord format) is read
-  with TensorFlow instead.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  # No file_format here: TFDS refuses one that differs from already prepared data's.
-  builder = tfds.builder(name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    problem = preparation_problem(name, builder.data_dir)
-    if problem:
-      raise ConfigError(problem)
-    try:  # from the original tarball (TFDS's GCS copies are tfrecord only)
-      builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f'preparing {name} in {builder.data_dir} failed '
-                        f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
-  out = {}
-  for split in ('train', 'test'):
-    try:
-      out[split] = _read_source(builder.as_data_source(split=split))
-    except NotImplementedError as e:  # prepared as tfrecord: no random access
-      if not _tensorflow_installed():
-        raise ConfigError(f'{name} in {builder.data_dir} is in tfrecord format, which needs '
-                          'TensorFlow to read: pip install tensorflow-cpu, or prepare it '
-                          'again in another tfds_data_dir') from e
-      batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-      out[split] = (batch['image'].astype(np.uint8), batch['label'].astype(np.int32))
-  return out
-
-
-def load_data(config):
-  """{'train': (x, y), 'test': (x, y)}: x uint8 (n, 32, 32, 3), y int32 labels.
-
-  config.dataset: 'cifar10' | 'cifar100' (TFDS, config.tfds_data_dir, '' = TFDS default)
-  or 'fashion_mnist' (IDX files in config.data_dir, '' = the Debian package's folder).
-  config.train_size / test_size > 0 keep the first n images of the split.
-  """
-  if config.dataset == 'fashion_mnist':
-    data = load_fashion_mnist_32(config.data_dir or DEBIAN_DIR)
-  else:
-    data = load_tfds(config.dataset, config.tfds_data_dir)
-  for split in ('train', 'test'):
-    size, available = config[f'{split}_size'], len(data[split][0])
-    if size > available:
-      raise ConfigError(f'{split}_size={size} but only {available} {split} images were found')
-    if size:
-      data[split] = tuple(a[:size] for a in data[split])
-  return data
-
-
-def augment(key, images, sample_ids):
-  """Random horizontal flip and random 32 x 32 crop of the image zero-padded to 36 x 36.
-
-  images: (B, H, W, C) uint8 or float, BEFORE normalize. The padding is zeros of the raw
-  image (black pixels), so after normalisation the border is -mean / std, not 0. The
-  authors' facts only say "pad to 36 x 36, then random 32 x 32 crop"; this is the
-  torchvision convention (RandomCrop(32, padding=2) pads the image with 0 before Normalize).
-  Each image's randomness is jax.random.fold_in(key, its sample id): pass global ids
-  (e.g. step * batch_size + position in the global batch) and a batch split over devices
-  is augmented exactly as on one device. For use inside jit; the dtype is kept.
-  """
-  height, width = images.shape[1:3]
-
-  def one(image, sample_id):
-    flip_key, crop_key = jax.random.split(jax.random.fold_in(key, sample_id))
-    image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
-    dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * CROP_PAD + 1)
-    padded = jnp.pad(image, ((CROP_PAD, CROP_PAD), (CROP_PAD, CROP_PAD), (0, 0)))
-    return jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, image.shape[2]))
-
-  return jax.vmap(one)(images, sample_ids)
-
-
-def normalize(images, dataset):
-  """(x / 255 - mean) / std per channel, float32; x uint8 (or float in 0..255)."""
-  info = DATASETS[dataset]
-  mean = jnp.asarray(info['mean'], jnp.float32)
-  std = jnp.asarray(info['std'], jnp.float32)
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def epoch_batches(data, batch_size, seed, epoch):
-  """The (images, labels) batches of one epoch: shuffled, the last partial batch dropped.
-
-  The order is np.random.default_rng([seed, epoch]).permutation, so a resumed run sees the
-  same batches. Gathering rows of the in-memory uint8 array is the whole host-side cost.
-  """
-  x, y = data
-  order = np.random.default_rng([seed, epoch]).permutation(len(x))
-  for i in range(len(x) // batch_size):
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    yield x[idx], y[idx]
-
-
-_END = object()
-
-
-class _Raised:
-
-  def __init__(self, error):
-    self.error = error
-
-
-def prefetch(iterator, put=jax.device_put, size=2):
-  """Yields put(item) for the items of `iterator`, computed `size` items ahead in a thread.
-
-  `put` moves a batch to the device(s), e.g. jax.device_put, or a function that reshapes
-  to (devices, per_device, ...) and calls jax.device_put_sharded; the host gathers and
-  copies the next batches while the device runs the current step. Exceptions of the
-  iterator or of `put` are raised here; leaving the loop early stops the thread.
-  """
-  items = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def offer(item):
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce():
-    try:
-      for item in iterator:
-        if not offer(put(item)):
-          return
-      offer(_END)
-    except BaseException as e:  # pylint: disable=broad-except
-      offer(_Raised(e))
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = items.get()
-      if item is _END:
-        return
-      if isinstance(item, _Raised):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
-    thread.join()
-
 
 # ======================================================================================
 # Network (App. D.2, convolutional)
@@ -340,19 +62,16 @@ def prefetch(iterator, put=jax.device_put, size=2):
 # Indices in the code are 0-based: layer l of the paper is index l - 1.
 
 def state_shapes(config):
-  """((H, W, C) of every layer), derived from image_size and channels; ConfigError if the
-  image size does not halve cleanly through the poolings (or the last VALID conv)."""
-  channels = tuple(config.channels)
-  if not channels or min(channels) < 1:
-    raise ConfigError(f'channels must be positive channel counts, got {channels}')
+  """((H, W, C) of every layer), from image_size and channels: each layer halves the size by
+  its pooling, the last one after a 3x3 VALID conv. ValueError if a size does not halve
+  cleanly."""
   size, shapes = config.image_size, []
-  for l, c in enumerate(channels):
-    conv_size = size if l < len(channels) - 1 else size - 2  # 3x3 'VALID' on the last layer
+  for l, c in enumerate(config.channels):
+    conv_size = size if l < len(config.channels) - 1 else size - 2  # 3x3 'VALID' on the last
     if conv_size < 2 or conv_size % 2:
-      raise ConfigError(
-          f'image_size={config.image_size} does not fit {len(channels)} layers: layer {l + 1} '
-          f'would pool a {conv_size}x{conv_size} map (needs an even size >= 2; each layer '
-          'halves the size, the last one after a 3x3 VALID conv)')
+      raise ValueError(
+          f'image_size={config.image_size} does not fit {len(config.channels)} layers: layer '
+          f'{l + 1} would pool a {conv_size}x{conv_size} map (needs an even size >= 2)')
     size = conv_size // 2
     shapes.append((size, size, c))
   return tuple(shapes)
@@ -528,9 +247,9 @@ def make_step(config, params, x_drive, labels=None):
     points, and each layer is updated once per step, so a step costs what a synchronous step
     costs. Unlike in the MLP, the two orders do NOT follow the same trajectory: the top-down
     drive into layer l depends on s_l itself (through the pooling), so the synchronous
-    dynamics do not split into two independent chains. See steps_for for how many steps are
-    run for T synchronous ones. With beta != 0 the output layer's nudge uses its value from
-    the previous half-sweep.
+    dynamics do not split into two independent chains, and both orders run T steps for T
+    synchronous ones (README, "Update order"). With beta != 0 the output layer's nudge uses
+    its value from the previous half-sweep.
   """
   num_layers = len(params['forward'])
 
@@ -556,24 +275,6 @@ def make_step(config, params, x_drive, labels=None):
   return synchronous if config.layer_updates == 'synchronous' else sequential
 
 
-def steps_for(config, num_synchronous_steps):
-  """Steps of make_step's update that stand for `num_synchronous_steps` synchronous steps
-  (T_free, T_nudge and the continuous-time holds count synchronous steps, the paper's unit).
-
-  Both orders run the same number of steps (a sequential step costs a synchronous one).
-  Measured (tools/conv_update_order.py): at the paper's shapes with LeCun kernels the dynamics
-  contract fast and the sequential order needs about half the steps (float32 floor of ||F||
-  after ~12 steps against ~20; d_beta s* with T_nudge 10 as accurate as synchronous 20); but
-  with kernels x1.5 (slower, as after training) it gains only ~20 % (log10 ||F|| -2.19 after
-  125 sequential steps against -2.93 after 250 synchronous ones; d_beta s* rel. error 5.2e-2
-  with 20 sequential steps against 3.7e-2 with 40 synchronous), and on a tiny net near the
-  edge of stability (spectral radius of DK 0.98) both orders converge at the same rate. So
-  T/2 sequential steps do not stand for T synchronous ones, and no steps are saved.
-  """
-  del config
-  return num_synchronous_steps
-
-
 def zeros_state(config, batch, dtype=None):
   """The all-zeros state (dtype None: JAX's default float)."""
   return tuple(jnp.zeros((batch, *shape), dtype) for shape in state_shapes(config))
@@ -586,16 +287,23 @@ def resolve_free_dtype(config):
   the dtype of the parameters (float32 in training, float64 in the tests) with no cast.
   """
   name = config.free_dtype
-  if name not in FREE_DTYPES:
-    raise ConfigError(f'unknown free_dtype {name!r} (use one of {", ".join(FREE_DTYPES)})')
   if name == 'auto':
     name = 'bfloat16' if jax.default_backend() == 'gpu' else 'float32'
   return None if name == 'float32' else jnp.dtype(name)
 
 
+
 # ======================================================================================
 # Neuronal error vectors and gradients (Eqs. 4-9)
 # ======================================================================================
+
+def effective_algorithm(config):
+  """config.algorithm, with 'hep' at n_points = 0 read as 'hep_exact' (the authors'
+  convention: N = 0 is the exact derivative)."""
+  if config.algorithm == 'hep' and config.n_points == 0:
+    return 'hep_exact'
+  return config.algorithm
+
 
 def free_relaxation(config, params, x_drive):
   """The free phase: T_free steps from zeros. Returns (u_free, log10 of the last update).
@@ -615,7 +323,7 @@ def free_relaxation(config, params, x_drive):
     step_half = make_step(config, cast(params, half), x_drive.astype(half))
     step = lambda u: cast(step_half(cast(u, half)), full)
   u0 = zeros_state(config, x_drive.shape[0], x_drive.dtype)
-  return common.fixed_point(step, u0, steps_for(config, config.t_free), config.tol)
+  return common.fixed_point(step, u0, config.t_free, config.tol)
 
 
 def nudged_relaxation(config, params, x_drive, labels, u_free):
@@ -624,7 +332,7 @@ def nudged_relaxation(config, params, x_drive, labels, u_free):
 
   def relax(beta):
     u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
-    u, _ = common.fixed_point(lambda u: step(u, beta), u0, steps_for(config, config.t_nudge))
+    u, _ = common.fixed_point(lambda u: step(u, beta), u0, config.t_nudge)
     return activate(u)
   return relax
 
@@ -641,7 +349,7 @@ def continuous_estimate(config, params, x_drive, labels):
   step = make_step(config, params, x_drive, labels)
   u0 = zeros_state(config, x_drive.shape[0], x_drive.dtype)
   args = (activate, config.beta, config.n_points,
-          steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
+          config.continuous_steps_per_point, config.continuous_periods)
   if config.continuous_average == 'hold_end':
     u_bar, e_bar = common.hold_end_estimate(step, u0, *args)
     return activate(u_bar), e_bar
@@ -681,7 +389,7 @@ def bptt_grads(config, params, x, labels, u_free):
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = make_step(config, p, input_drive(p, x))
-    u, _ = common.fixed_point(step, u_start, steps_for(config, config.t_nudge))
+    u, _ = common.fixed_point(step, u_start, config.t_nudge)
     return readout_loss(p, sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
 
@@ -721,7 +429,8 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   """
   x_drive = input_drive(params, x)
   metrics = {}
-  if config.algorithm == 'hep_continuous':
+  algorithm = effective_algorithm(config)
+  if algorithm == 'hep_continuous':
     # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
     s_free, error = continuous_estimate(config, params, x_drive, labels)
     grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
@@ -729,13 +438,13 @@ def compute_grads(config, params, x, labels, key, sample_ids):
     u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
-    if config.algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
+    if algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
       error = common.cauchy_estimate(relax, s_free, config.beta, config.n_points)
       grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
-    elif config.algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
+    elif algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
       grads, metrics['dropped_samples'] = network_grads(params, x, s_free,
                                                         common.exact_dbeta(relax))
-    elif config.algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
+    elif algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
       error = rbp_error(config, params, x_drive, labels, u_free)
       grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
     else:  # 'bptt': backpropagation through T_nudge steps from the free fixed point
@@ -752,14 +461,12 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   return grads, metrics
 
 
+
 # ======================================================================================
-# Training and evaluation steps (jax.pmap over local devices)
+# Training and evaluation steps (jax.pmap over the devices of every process)
 # ======================================================================================
 
-# Parameters: {'forward': [{'w', 'b'}] * L, 'backward': [{'w'}] * (L - 1) (absent or empty
-# when tied), 'readout': {'w', 'b'}}. forward[l] connects layer l-1 (the input for l = 0)
-# to layer l; backward[l] connects layer l+1 back to layer l. A connection's forward and
-# backward weights form one group with one learning-rate factor:
+# A connection's forward and backward weights form one group with one learning-rate factor:
 #   in-1: forward[0];  l-(l+1): forward[l], backward[l-1];  readout.
 
 def group_names(num_layers):
@@ -777,11 +484,10 @@ def layer_groups(params):
   label = lambda tree, name: jax.tree_util.tree_map(lambda _: name, tree)
   labels = {'forward': [label(p, names[l]) for l, p in enumerate(params['forward'])],
             'readout': label(params['readout'], 'readout')}
-  if 'backward' in params:
-    if len(params['backward']) >= len(params['forward']):
-      raise ValueError(f'{len(params["backward"])} backward entries for '
-                       f'{len(params["forward"])} forward layers')
-    labels['backward'] = [label(p, names[l + 1]) for l, p in enumerate(params['backward'])]
+  if len(params['backward']) >= len(params['forward']):
+    raise ValueError(f'{len(params["backward"])} backward entries for '
+                     f'{len(params["forward"])} forward layers')
+  labels['backward'] = [label(p, names[l + 1]) for l, p in enumerate(params['backward'])]
   return labels
 
 
@@ -797,7 +503,7 @@ def make_optimizer(config, steps_total):
     3. times lr_factors_g (the authors' per-layer multipliers; kept for Adam as well)
        and times -learning_rate * cosine(step): optax.cosine_decay_schedule from
        learning_rate to zero over steps_total updates (0 at step steps_total).
-  resolve_config checks that lr_factors has L + 1 entries for the network's L layers.
+  check_config checks that lr_factors has L + 1 entries for the network's L layers.
   """
   names = group_names(len(config.lr_factors) - 1)
   lr_factors = dict(zip(names, config.lr_factors))
@@ -818,10 +524,11 @@ def make_optimizer(config, steps_total):
   )
 
 
-def make_train_step(config, optimizer):
-  """One update. Each device takes its slice of the batch, augments and normalises it (the
-  randomness of every image follows its global index, so a split batch is augmented as a
-  whole one would be); gradients are averaged (pmean)."""
+def make_train_step(config, optimizer, stats):
+  """One update. Each device takes its slice of the global batch, augments and normalises it
+  with the data set's stats = (mean, std) (the randomness of every image follows its global
+  index, so a batch split over devices and processes is augmented as a whole one would be);
+  gradients are averaged over every device (pmean), and so are the metrics."""
   base_key = jax.random.PRNGKey(config.seed + 1)
 
   def train_step(params, opt_state, step, images, labels):
@@ -830,11 +537,12 @@ def make_train_step(config, optimizer):
     key = jax.random.fold_in(base_key, step)
     if config.augment:
       images = augment(jax.random.fold_in(key, 1), images, sample_ids)
-    x = normalize(images, config.dataset)
+    x = normalize(images, *stats)
     grads, metrics = compute_grads(config, params, x, labels, jax.random.fold_in(key, 2),
                                    sample_ids)
-    # The only collective of the step (one all-reduce); metrics stay per device.
+    # The collectives of the step: one all-reduce of the gradients, and the scalar metrics.
     grads = jax.lax.pmean(grads, 'batch')
+    metrics = harness.reduce_metrics(metrics)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, metrics
@@ -843,11 +551,11 @@ def make_train_step(config, optimizer):
                   donate_argnums=(0, 1))
 
 
-def make_eval_step(config):
+def make_eval_step(config, stats):
   """Numbers of top-1 and top-5 misclassified test images (free phase + readout), summed
   over devices."""
   def eval_step(params, images, labels, mask):
-    x = normalize(images, config.dataset)
+    x = normalize(images, *stats)
     u, _ = free_relaxation(config, params, input_drive(params, x))
     logits = readout_logits(params, sigma(u[-1]))
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
@@ -857,20 +565,19 @@ def make_eval_step(config):
   return jax.pmap(eval_step, axis_name='batch')
 
 
-def evaluate(eval_step, params, data, config, num_devices):
-  """(top-1, top-5) test error in % over the whole split (the last batch padded and masked)."""
-  x, y = data
-  per_call = config.eval_batch_size
+def evaluate(eval_step, params, split, config, num_devices):
+  """(top-1, top-5) error in % over a whole split: each process reads its own block of it
+  (padded and masked), and the counts are summed over every device."""
+  calls = harness.process_eval_indices(len(split), config.eval_batch_size, jax.process_index(),
+                                       jax.process_count())
+  batches = harness.prefetch(
+      zip(harness.read_batches(split, [idx for idx, _ in calls], config.data_threads),
+          (mask for _, mask in calls)),
+      put=lambda batch: tuple(harness.shard(a, num_devices) for a in (*batch[0], batch[1])))
   wrong = np.zeros(2)
-  for start in range(0, len(x), per_call):
-    xb, yb = x[start:start + per_call], y[start:start + per_call]
-    pad = per_call - len(xb)
-    mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
-    xb = np.pad(xb, ((0, pad),) + ((0, 0),) * (xb.ndim - 1))
-    yb = np.pad(yb, (0, pad))
-    shard = lambda a: a.reshape(num_devices, -1, *a.shape[1:])
-    wrong += np.asarray(eval_step(params, shard(xb), shard(yb), shard(mask))[0])
-  return tuple(100.0 * wrong / len(x))
+  for images, labels, mask in batches:
+    wrong += np.asarray(eval_step(params, images, labels, mask)[0])
+  return tuple(100.0 * wrong / len(split))
 
 
 # ======================================================================================
@@ -890,13 +597,12 @@ def weight_angles(params):
   return angles
 
 
-def symmetry_estimate(config, params, s_free, x_drive, key, num_probes):
+def symmetry_estimate(params, s_free, x_drive, key, num_probes):
   """Per-sample Jacobian symmetry ||S|| / (||S|| + ||A||) of J = dF/ds = K - I (Section 3.3),
   without forming J: ||S||_F^2 = E||S e||^2 and ||A||_F^2 = E||A e||^2 for e ~ N(0, I), with
   S e = (J e + J^T e) / 2 and A e = (J e - J^T e) / 2 from one JVP and one VJP per probe.
   Samples do not interact, so the batched JVP/VJP give every sample's own J. Returns (batch,).
   """
-  del config  # the shapes come from s_free
   field = lambda s: common.tree_sub(drives(params, s, x_drive), s)
   _, jvp = jax.linearize(field, s_free)
   _, vjp = jax.vjp(field, s_free)
@@ -916,7 +622,7 @@ def symmetry_estimate(config, params, s_free, x_drive, key, num_probes):
   return sym / (sym + skew)
 
 
-def make_diagnostics(config):
+def make_diagnostics(config, stats):
   """Symmetry, alignment and convergence of the network on one batch (Fig. 4k-l).
 
   K = dG/ds depends on the state here (the pooling), so the symmetry measure is estimated
@@ -925,7 +631,7 @@ def make_diagnostics(config):
 
   @jax.jit
   def diagnostics(params, images, labels):
-    x = normalize(images, config.dataset)
+    x = normalize(images, *stats)
     x_drive = input_drive(params, x)
     u_free, log10_residual = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
@@ -933,15 +639,16 @@ def make_diagnostics(config):
     delta = rbp_error(config, params, x_drive, labels, u_free)
     cos = lambda e: [jnp.mean(common.per_sample_cosine(a, b)) for a, b in zip(e, delta)]
     out = {'log10_residual': log10_residual, 'cosine_exact': cos(common.exact_dbeta(relax))}
-    if config.algorithm == 'hep':
+    algorithm = effective_algorithm(config)
+    if algorithm == 'hep':
       out['cosine_estimate'] = cos(common.cauchy_estimate(relax, s_free, config.beta,
                                                           config.n_points))
-    elif config.algorithm == 'hep_continuous':
+    elif algorithm == 'hep_continuous':
       out['cosine_estimate'] = cos(continuous_estimate(config, params, x_drive, labels)[1])
     key = jax.random.PRNGKey(0)
     noise = homeostatic_noise(config, key, jnp.arange(x.shape[0]))
     out.update(
-        symmetry=jnp.mean(symmetry_estimate(config, params, s_free, x_drive, key,
+        symmetry=jnp.mean(symmetry_estimate(params, s_free, x_drive, key,
                                             config.diag_symmetry_probes)),
         homeo_loss=common.homeostatic_loss(lambda s: drives(params, s, x_drive), s_free, noise),
         weight_angle=weight_angles(params),
@@ -951,401 +658,309 @@ def make_diagnostics(config):
   return diagnostics
 
 
+
 # ======================================================================================
-# Config checks, workdir, checkpoint, metrics
+# Data
 # ======================================================================================
+# A split is anything with len() and read(indices) -> (uint8 images (n, 32, 32, 3), int32
+# labels): CIFAR and Fashion-MNIST-32 are held in memory (MemorySplit), ImageNet is read from
+# disk (imagenet32_conv.Split). Every batch is augmented and normalised on the device inside
+# the jitted step, so the host only gathers rows.
+#
+# Normalisation (the authors' convention): per-channel mean, and std multiplied by 1.5.
+# CIFAR-100 uses the CIFAR-10 constants, as the authors do. Fashion-MNIST-32 (used to check
+# that the convnet learns without internet) uses the Fashion-MNIST pixel mean and std.
 
-def check_number(config, name, kind, low=None, high=None, above=None):
-  """One numeric config field: an int (kind=int) or a number, finite, >= low, <= high, > above."""
-  value = config[name]
-  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if not is_number or (kind is int and not isinstance(value, int)):
-    raise ConfigError(f'{name} must be {"an integer" if kind is int else "a number"}, '
-                      f'got {value!r}')
-  if not math.isfinite(value):
-    raise ConfigError(f'{name} must be finite, got {value}')
-  bounds = [f'>= {low}' if low is not None and value < low else None,
-            f'<= {high}' if high is not None and value > high else None,
-            f'> {above}' if above is not None and value <= above else None]
-  broken = [b for b in bounds if b]
-  if broken:
-    raise ConfigError(f'{name} must be {broken[0]}, got {value}')
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = tuple(1.5 * s for s in (0.2023, 0.1994, 0.2010))
+DATASETS = {  # url: what TFDS downloads to prepare it (checked before it tries)
+    'cifar10': dict(num_classes=10, mean=_CIFAR_MEAN, std=_CIFAR_STD, train_size=50000,
+                    test_size=10000, url='https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'),
+    'cifar100': dict(num_classes=100, mean=_CIFAR_MEAN, std=_CIFAR_STD, train_size=50000,
+                     test_size=10000,
+                     url='https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'),
+    # Fashion-MNIST padded to 32 x 32 (2 black pixels per side), grey channel x 3.
+    'fashion_mnist': dict(num_classes=10, mean=(0.2860,) * 3, std=(1.5 * 0.3530,) * 3,
+                          train_size=60000, test_size=10000),
+}
+DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
+IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+             'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+CROP_PAD = 2  # pad 32 x 32 to 36 x 36, then take a random 32 x 32 window
+
+Data = collections.namedtuple('Data', 'train test mean std')
 
 
-def check_choice(config, name, choices):
-  if config[name] not in choices:
-    raise ConfigError(f'unknown {name} {config[name]!r} (use one of {", ".join(choices)})')
+class MemorySplit:
+  """A split held in memory: read(indices) gathers rows."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def read(self, indices):
+    return self.images[indices], self.labels[indices]
 
 
-def resolve_config(config, num_local_devices):
-  """Checks every field (one-line ConfigError on bad input); returns the number of devices.
+def load_fashion_mnist_32(folder):
+  """Fashion-MNIST from the four IDX .gz files, as uint8 (n, 32, 32, 3) CIFAR look-alikes."""
+  missing = [f for pair in IDX_FILES.values() for f in pair
+             if not os.path.exists(os.path.join(folder, f))]
+  if missing:
+    raise harness.ConfigError(f'Fashion-MNIST IDX files missing in {folder}: '
+                              f'{", ".join(missing)} (install the Debian package '
+                              'dataset-fashion-mnist or set --config.data_dir)')
+  out = {}
+  for split, (images, labels) in IDX_FILES.items():
+    x, y = (harness.read_idx(os.path.join(folder, f)) for f in (images, labels))
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
+      raise harness.ConfigError(f'{folder}: {split} images {x.shape} and labels {y.shape} are '
+                                'not n x 28 x 28 images with n labels')
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # zeros = black, as Fashion-MNIST's background
+    out[split] = (np.repeat(x[..., None], 3, axis=-1), y.astype(np.int32))
+  return out
 
-  Runs before any data is read or anything is compiled. The one rewrite: hep with N = 0 is
-  the exact derivative (the authors' convention), recorded as algorithm 'hep_exact'.
+
+def load_tfds(name, data_dir, url):
+  """CIFAR-10/100 from TFDS, downloaded and prepared (array_record) on first use.
+
+  Reads through tfds data sources (random access, decoded with PIL), so reading prepared
+  data needs no TensorFlow. Data prepared earlier by tfds.load (tfrecord format) is read
+  with TensorFlow instead.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # No file_format here: TFDS refuses one that differs from already prepared data's.
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    problem = harness.preparation_problem(name, builder.data_dir, url)
+    if problem:
+      raise harness.ConfigError(problem)
+    try:  # from the original tarball (TFDS's GCS copies are tfrecord only)
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception as e:  # pylint: disable=broad-except
+      raise harness.ConfigError(f'preparing {name} in {builder.data_dir} failed '
+                                f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
+  out = {}
+  for split in ('train', 'test'):
+    try:
+      source = builder.as_data_source(split=split)
+      examples = [source[i] for i in range(len(source))]
+      out[split] = (np.stack([np.asarray(e['image'], np.uint8) for e in examples]),
+                    np.asarray([e['label'] for e in examples], np.int32))
+    except NotImplementedError as e:  # prepared as tfrecord: no random access
+      if not harness.tensorflow_installed():
+        raise harness.ConfigError(f'{name} in {builder.data_dir} is in tfrecord format, which '
+                                  'needs TensorFlow to read: pip install tensorflow-cpu, or '
+                                  'prepare it again in another tfds_data_dir') from e
+      batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+      out[split] = (batch['image'].astype(np.uint8), batch['label'].astype(np.int32))
+  return out
+
+
+def load_data(config):
+  """Data(train, test, mean, std): the splits as MemorySplits, the normalisation constants.
+
+  config.dataset: 'cifar10' | 'cifar100' (TFDS, config.tfds_data_dir, '' = TFDS default)
+  or 'fashion_mnist' (IDX files in config.data_dir, '' = the Debian package's folder).
+  config.train_size / test_size > 0 keep the first n images of the split.
+  """
+  info = DATASETS[config.dataset]
+  if config.dataset == 'fashion_mnist':
+    data = load_fashion_mnist_32(config.data_dir or DEBIAN_DIR)
+  else:
+    data = load_tfds(config.dataset, config.tfds_data_dir, info['url'])
+  for split in ('train', 'test'):
+    size, available = config[f'{split}_size'], len(data[split][0])
+    if size > available:
+      raise harness.ConfigError(f'{split}_size={size} but only {available} {split} images '
+                                'were found')
+    data[split] = MemorySplit(*(a[:size or available] for a in data[split]))
+  return Data(data['train'], data['test'], info['mean'], info['std'])
+
+
+def augment(key, images, sample_ids):
+  """Random horizontal flip and random 32 x 32 crop of the image zero-padded to 36 x 36.
+
+  images: (B, H, W, C) uint8 or float, BEFORE normalize. The padding is zeros of the raw
+  image (black pixels), so after normalisation the border is -mean / std, not 0. The
+  authors' facts only say "pad to 36 x 36, then random 32 x 32 crop"; this is the
+  torchvision convention (RandomCrop(32, padding=2) pads the image with 0 before Normalize).
+  Each image's randomness is jax.random.fold_in(key, its sample id): pass global ids
+  (e.g. step * batch_size + position in the global batch) and a batch split over devices
+  and processes is augmented exactly as on one device. For use inside jit; dtype is kept.
+  """
+  height, width = images.shape[1:3]
+
+  def one(image, sample_id):
+    flip_key, crop_key = jax.random.split(jax.random.fold_in(key, sample_id))
+    image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
+    dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * CROP_PAD + 1)
+    padded = jnp.pad(image, ((CROP_PAD, CROP_PAD), (CROP_PAD, CROP_PAD), (0, 0)))
+    return jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, image.shape[2]))
+
+  return jax.vmap(one)(images, sample_ids)
+
+
+def normalize(images, mean, std):
+  """(x / 255 - mean) / std per channel, float32; x uint8 (or float in 0..255)."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+# ======================================================================================
+# Config checks
+# ======================================================================================
+
+FIELDS = {  # harness.check_fields: choices, bool, or (kind, low, high, above)
+    'layer_updates': ('synchronous', 'sequential'), 'algorithm': ALGORITHMS,
+    'optimizer': ('sgd', 'adam'), 'continuous_average': ('hold_end', 'every_step'),
+    'free_dtype': FREE_DTYPES, 'tied': bool, 'augment': bool,
+    'image_size': (int, 8), 'in_channels': (int, 1), 'seed': (int, 0, 2**31 - 1),
+    'alpha': (float, 0, 180), 'tol': (float, 0), 'n_points': (int, 0, 64),
+    'beta': (float, None, None, 0), 'homeo_coef': (float, 0), 'learning_rate': (float, None, None, 0),
+    'momentum': (float, 0, 0.999), 'weight_decay': (float, 0), 'readout_wd_factor': (float, 0),
+    'num_devices': (int, 0), 'log_every_steps': (int, 0), 'max_log10_residual': (float,),
+    'max_train_loss': (float, None, None, 0),
+    **{name: (int, 1) for name in (
+        't_free', 't_nudge', 'continuous_steps_per_point', 'continuous_periods', 'homeo_draws',
+        'batch_size', 'eval_batch_size', 'num_epochs', 'diag_batch_size',
+        'diag_symmetry_probes', 'data_threads')},
+}
+# Fields that may differ when a run is resumed: where the data are, how many devices and
+# processes share the batch, how the processes meet, how often to log. Any other change is a
+# different run (num_epochs too: the cosine schedule of the learning rate spans the run).
+RESUMABLE_FIELDS = ('num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir',
+                    'data_threads', *harness.PROCESS_FIELDS)
+
+
+def check_config(config, num_local_devices, num_processes=1, datasets=DATASETS):
+  """Checks every field (one-line ConfigError on bad input) before any data is read or
+  anything is compiled; returns the number of local devices to use."""
   c = config
-  check_choice(c, 'dataset', tuple(DATASETS))
-  check_choice(c, 'layer_updates', LAYER_UPDATES)
-  check_choice(c, 'algorithm', ALGORITHMS)
-  check_choice(c, 'optimizer', ('sgd', 'adam'))
-  check_choice(c, 'continuous_average', ('hold_end', 'every_step'))
-  check_choice(c, 'free_dtype', FREE_DTYPES)
-  for name in ('tied', 'augment'):
-    if not isinstance(c[name], bool):
-      raise ConfigError(f'{name} must be True or False, got {c[name]!r}')
-  channels = c.channels
-  if not isinstance(channels, (tuple, list)) or len(channels) < 2 or not all(
-      isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in channels):
-    raise ConfigError(f'channels must be a tuple of >= 2 positive integers, got {channels!r}')
-  info = DATASETS[c.dataset]
+  harness.check_choice(c, 'dataset', tuple(datasets))
+  harness.check_fields(c, FIELDS)
+  harness.check_int_tuple(c, 'channels', 2)
+  info = datasets[c.dataset]
   if c.num_classes != info['num_classes']:
-    raise ConfigError(f'num_classes={c.num_classes} but {c.dataset} has '
-                      f'{info["num_classes"]} classes')
-  check_number(c, 'image_size', int, 8)
-  check_number(c, 'in_channels', int, 1)
+    raise harness.ConfigError(f'num_classes={c.num_classes} but {c.dataset} has '
+                              f'{info["num_classes"]} classes')
   if (c.image_size, c.in_channels) != (32, 3):
-    raise ConfigError(f'{c.dataset} images are 32x32x3, got image_size={c.image_size}, '
-                      f'in_channels={c.in_channels}')
-  state_shapes(c)  # the image size must halve cleanly through the layers
+    raise harness.ConfigError(f'{c.dataset} images are 32x32x3, got image_size={c.image_size}, '
+                              f'in_channels={c.in_channels}')
+  try:
+    state_shapes(c)
+  except ValueError as e:
+    raise harness.ConfigError(str(e)) from e
   factors = c.lr_factors
-  if not isinstance(factors, (tuple, list)) or len(factors) != len(channels) + 1:
-    raise ConfigError(f'lr_factors needs {len(channels) + 1} entries (in-1, each pair of '
-                      f'layers, readout) for {len(channels)} layers, got {factors!r}')
-  if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+  if not isinstance(factors, (tuple, list)) or len(factors) != len(c.channels) + 1:
+    raise harness.ConfigError(f'lr_factors needs {len(c.channels) + 1} entries (in-1, each pair '
+                              f'of layers, readout) for {len(c.channels)} layers, got {factors!r}')
+  if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and np.isfinite(f)
              and f > 0 for f in factors):
-    raise ConfigError(f'lr_factors must be positive numbers, got {factors!r}')
-  check_number(c, 'seed', int, 0, 2**31 - 1)
-  check_number(c, 'train_size', int, 0, info['train_size'])
-  check_number(c, 'test_size', int, 0, info['test_size'])
-  check_number(c, 'alpha', float, 0, 180)
-  for name in ('t_free', 't_nudge', 'continuous_steps_per_point', 'continuous_periods',
-               'homeo_draws', 'batch_size', 'eval_batch_size', 'num_epochs', 'diag_batch_size',
-               'diag_symmetry_probes'):
-    check_number(c, name, int, 1)
-  check_number(c, 'tol', float, 0)
-  check_number(c, 'n_points', int, 0, 64)
-  check_number(c, 'beta', float, above=0)
-  check_number(c, 'homeo_coef', float, 0)
-  check_number(c, 'learning_rate', float, above=0)
-  check_number(c, 'momentum', float, 0, 0.999)
-  check_number(c, 'weight_decay', float, 0)
-  check_number(c, 'readout_wd_factor', float, 0)
-  check_number(c, 'num_devices', int, 0)
-  check_number(c, 'log_every_steps', int, 0)
-  check_number(c, 'max_log10_residual', float)
-  check_number(c, 'max_train_loss', float, above=0)
-  if c.algorithm == 'hep' and c.n_points == 0:
-    c.algorithm = 'hep_exact'  # the authors' convention: N = 0 is the exact derivative
+    raise harness.ConfigError(f'lr_factors must be positive numbers, got {factors!r}')
+  harness.check_number(c, 'train_size', int, 0, info['train_size'])
+  harness.check_number(c, 'test_size', int, 0, info['test_size'])
   if c.algorithm == 'hep_continuous' and c.n_points < 2:
-    raise ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
-  num_devices = c.num_devices or num_local_devices
-  if num_devices > num_local_devices:
-    raise ConfigError(f'num_devices={num_devices} but only {num_local_devices} local devices')
-  for name in ('batch_size', 'eval_batch_size'):
-    if c[name] % num_devices:
-      raise ConfigError(f'{name}={c[name]} is not divisible by the {num_devices} devices')
-  return num_devices
+    raise harness.ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
+  return harness.check_devices(c, num_local_devices, num_processes)
 
 
-# Fields that may differ when a run is resumed: where the data are, how many devices share
-# the batch and how often to log. Any other change is a different run (num_epochs too: the
-# cosine schedule of the learning rate spans the whole run).
-RESUMABLE_FIELDS = ('num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir')
-CHECKPOINT = 'checkpoint.npz'
-
-
-def run_config(config):
-  """The config as plain JSON data, without the fields a resumed run may change."""
-  resolved = json.loads(config.to_json())
-  return {k: v for k, v in resolved.items() if k not in RESUMABLE_FIELDS}
-
-
-def default_workdir(config):
+def default_workdir(config, script=SCRIPT):
   """runs/<script>/<dataset>_<algorithm and its main settings>-<hash of the run config>."""
   c = config
   name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
           f'hepcont{c.n_points}_beta{c.beta:g}'}.get(c.algorithm, c.algorithm)
-  digest = hashlib.sha1(json.dumps(run_config(c), sort_keys=True).encode()).hexdigest()[:8]
-  return os.path.join('runs', SCRIPT[:-3],
-                      f'{c.dataset}_{name}_homeo{c.homeo_coef:g}_seed{c.seed}-{digest}')
-
-
-def write_atomic(path, write):
-  """write(file) into path.tmp, flushed to disk, then renamed over path: a kill or a full disk
-  leaves the previous file intact (and no .tmp behind)."""
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_json(path, data):
-  write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + '\n').encode()))
-
-
-def differing_fields(saved, current):
-  return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-
-
-def prepare_workdir(workdir, config):
-  """Creates the workdir, or checks that it holds this run; returns its checkpoint (or None).
-
-  Everything that could refuse the workdir is checked here, before any compute: it must be
-  a writable folder; its config.json and its checkpoint (which carries its own config) must
-  match this run; its metrics file must be readable. Then config.json is (re)written.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f'--workdir {workdir} is a file, not a folder')
-  os.makedirs(workdir, exist_ok=True)
-  current = run_config(config)
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-      assert isinstance(saved, dict)
-    except (ValueError, AssertionError) as e:
-      raise ConfigError(f'{path} is empty or not a JSON config; restore it, or delete it to '
-                        'resume from the checkpoint (which carries its own config)') from e
-    changed = differing_fields({k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS},
-                               current)
-    if changed:
-      raise ConfigError(f'{workdir} holds a run with a different config ({", ".join(changed)}); '
-                        'use another --workdir')
-  if os.path.exists(os.path.join(workdir, 'checkpoint.pkl')):
-    raise ConfigError(f'{workdir} holds checkpoint.pkl, a pickle from an older version of this '
-                      'script; it is never loaded (unpickling can run code): move it away')
-  ckpt = read_checkpoint(workdir)
-  if ckpt is not None:
-    changed = differing_fields(ckpt['config'], current)
-    if changed:
-      raise ConfigError(f'the checkpoint in {workdir} was made with a different config '
-                        f'({", ".join(changed)}); use another --workdir')
-  read_metrics(workdir, ckpt['epoch'] if ckpt else 0)  # a damaged file stops us here
-  write_json(path, json.loads(config.to_json()))  # also proves the folder is writable
-  return ckpt
-
-
-def save_checkpoint(workdir, config, epoch, state):
-  """Host arrays of `state` in an .npz (no pickle), with the epoch, the run config and every
-  leaf's path in the pytree as JSON; written atomically."""
-  paths, leaves = zip(*[(jax.tree_util.keystr(p), np.asarray(a))
-                        for p, a in jax.tree_util.tree_flatten_with_path(state)[0]])
-  meta = json.dumps({'epoch': epoch, 'config': run_config(config), 'paths': paths})
-  arrays = {f'leaf{i:05d}': a for i, a in enumerate(leaves)}
-  write_atomic(os.path.join(workdir, CHECKPOINT),
-               lambda f: np.savez(f, meta=np.asarray(meta), **arrays))
-
-
-def read_checkpoint(workdir):
-  """{'epoch', 'config', 'paths', 'leaves'} of the workdir's checkpoint, or None if it has none.
-
-  np.load with allow_pickle=False: a checkpoint from someone else's workdir cannot run code.
-  """
-  path = os.path.join(workdir, CHECKPOINT)
-  if not os.path.exists(path):
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      ckpt = json.loads(str(z['meta']))
-      ckpt['leaves'] = [z[f'leaf{i:05d}'] for i in range(len(ckpt['paths']))]
-    assert isinstance(ckpt['epoch'], int) and isinstance(ckpt['config'], dict)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f'{path} is damaged or not a checkpoint of this script '
-                      f'({type(e).__name__}); move it away to start the run over') from e
-  return ckpt
-
-
-def restore_state(ckpt, template):
-  """The checkpoint's arrays in the pytree structure of `template`, checked leaf by leaf."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-  paths = [jax.tree_util.keystr(p) for p, _ in flat]
-  if paths != list(ckpt['paths']) or any(
-      np.shape(a) != b.shape or np.result_type(a) != b.dtype
-      for (_, a), b in zip(flat, ckpt['leaves'])):
-    raise ConfigError('the checkpoint does not hold the parameters of this network')
-  return jax.tree_util.tree_unflatten(treedef, ckpt['leaves'])
-
-
-def read_metrics(workdir, last_epoch):
-  """Metrics rows of the epochs up to `last_epoch` (later ones were not checkpointed)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    if last_epoch:
-      logging.warning('%s is missing: it will hold only the epochs from %d on', path,
-                      last_epoch + 1)
-    return []
-  rows = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      try:
-        rows.append(json.loads(line))
-        assert isinstance(rows[-1]['epoch'], int)
-      except (ValueError, AssertionError, KeyError, TypeError) as e:
-        raise ConfigError(f'{path} line {number} is not a metrics row; fix or remove that '
-                          'line to resume') from e
-  rows = [r for r in rows if r['epoch'] <= last_epoch]
-  if len(rows) < last_epoch:
-    logging.warning('%s holds %d of the %d checkpointed epochs', path, len(rows), last_epoch)
-  return rows
-
-
-def json_safe(value):
-  """Non-finite floats become null: metrics.jsonl stays strict JSON."""
-  if isinstance(value, dict):
-    return {k: json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-def write_metrics(workdir, rows):
-  text = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in rows)
-  write_atomic(os.path.join(workdir, 'metrics.jsonl'), lambda f: f.write(text.encode()))
-
-
-def replicate(tree, num_devices):
-  """A copy per device along a new leading axis, placed as jax.pmap places its outputs.
-
-  (An uncommitted array, e.g. from jnp.broadcast_to, makes pmap compile the train step a
-  second time when its own outputs come back in.)
-  """
-  devices = jax.local_devices()[:num_devices]
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)),
-                                        jax.sharding.PartitionSpec('batch'))
-  return jax.tree_util.tree_map(
-      lambda a: jax.device_put(np.broadcast_to(np.asarray(a), (num_devices, *np.shape(a))),
-                               sharding), tree)
-
-
-def to_python(tree):
-  """Device scalars and lists of them -> floats, for JSON."""
-  return jax.tree_util.tree_map(lambda v: float(v), jax.device_get(tree))
+  return harness.default_workdir(script, f'{c.dataset}_{name}_homeo{c.homeo_coef:g}_seed{c.seed}',
+                                 config, RESUMABLE_FIELDS)
 
 
 # ======================================================================================
 # Main loop
 # ======================================================================================
 
-def train_and_evaluate(config, workdir=None):
-  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics.
+def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, script=SCRIPT):
+  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics rows.
 
-  Order of work: check the config, the workdir and the data (each bad input is one
-  ConfigError line), then compile and train. Every epoch ends with one metrics row and an
-  atomic checkpoint; a rerun with the same workdir resumes after the last checkpoint.
+  Order of work: join the other processes (if any), check the config, the workdir and the
+  data (each bad input is one ConfigError line, and nothing is written before all pass),
+  then compile and train. Every epoch ends with one metrics row and an atomic checkpoint
+  (written by process 0); a rerun with the same workdir resumes after the last checkpoint,
+  in every process. imagenet32_conv.py runs this loop with its own datasets and loader.
   """
-  num_devices = resolve_config(config, jax.local_device_count())
-  workdir = workdir or default_workdir(config)
-  logging.info('workdir: %s', workdir)
-  ckpt = prepare_workdir(workdir, config)
-  data = load_data(config)
-  num_train = len(data['train'][0])
+  process_index, process_count = harness.start_processes(config)
+  num_devices = check_config(config, jax.local_device_count(), process_count, datasets)
+  if process_count > 1:
+    harness.check_same_config(config, RESUMABLE_FIELDS)
+    logging.info('process %d of %d, %d of its devices, %d devices in all', process_index,
+                 process_count, num_devices, num_devices * process_count)
+  workdir = harness.Workdir(workdir or default_workdir(config, script), config,
+                            RESUMABLE_FIELDS, writer=process_index == 0)
+  data = load(config)
+  num_train = len(data.train)
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch < 1:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} training images')
+    raise harness.ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} '
+                              'training images')
   if config.diag_batch_size > num_train:
-    raise ConfigError(f'diag_batch_size={config.diag_batch_size} exceeds the {num_train} '
-                      'training images')
+    raise harness.ConfigError(f'diag_batch_size={config.diag_batch_size} exceeds the '
+                              f'{num_train} training images')
+  workdir.start()
+  logging.info('workdir: %s', workdir.path)
 
   optimizer = make_optimizer(config, config.num_epochs * steps_per_epoch)
   params = init_params(jax.random.PRNGKey(config.seed), config)
-  opt_state = optimizer.init(params)
-  start_epoch, history = 1, []
-  if ckpt is not None:
-    params, opt_state = restore_state(ckpt, (params, opt_state))
-    start_epoch, history = ckpt['epoch'] + 1, read_metrics(workdir, ckpt['epoch'])
-    logging.info('resuming from %s after epoch %d', workdir, ckpt['epoch'])
-  params, opt_state = replicate((params, opt_state), num_devices)
+  (params, opt_state), start_epoch = workdir.restore((params, optimizer.init(params)))
+  if process_count > 1:  # process 0's checkpoint (or fresh start) for everyone
+    start_epoch, params, opt_state = harness.broadcast((np.int32(start_epoch), params, opt_state))
+    start_epoch = int(start_epoch)
+  if start_epoch > 1:
+    logging.info('resuming from %s after epoch %d', workdir.path, start_epoch - 1)
+  params, opt_state = harness.replicate((params, opt_state), num_devices)
 
-  train_step = make_train_step(config, optimizer)
-  eval_step = make_eval_step(config)
-  diagnostics = make_diagnostics(config)
-  diag_x = data['train'][0][:config.diag_batch_size]
-  diag_y = data['train'][1][:config.diag_batch_size]
-  shard = lambda a: a.reshape(num_devices, -1, *a.shape[1:])
+  stats = (data.mean, data.std)
+  train_step = make_train_step(config, optimizer, stats)
+  eval_step = make_eval_step(config, stats)
+  diagnostics = make_diagnostics(config, stats)
+  diag_x, diag_y = data.train.read(np.arange(config.diag_batch_size))
   # XLA:CPU runs all its devices on one shared thread pool: a device that runs ahead into
   # the next step's all-reduce can starve the others (a rendezvous deadlock on 2 cores).
   lockstep = num_devices > 1 and jax.default_backend() == 'cpu'
-  blown_up = lambda loss: not loss <= config.max_train_loss  # NaN counts as blown up
 
   for epoch in range(start_epoch, config.num_epochs + 1):
-    # The host gathers and shards the next batches on a thread while the devices compute.
-    batches = prefetch(epoch_batches(data['train'], config.batch_size, config.seed, epoch),
-                       put=lambda batch: tuple(shard(a) for a in batch))
-    sums, t0 = {}, time.time()
+    # This process's share of every global batch, gathered on background threads and
+    # sharded over the local devices while the devices compute.
+    indices = harness.process_batch_indices(num_train, config.batch_size, config.seed, epoch,
+                                            process_index, process_count)
+    batches = harness.prefetch(
+        harness.read_batches(data.train, indices, config.data_threads),
+        put=lambda batch: tuple(harness.shard(a, num_devices) for a in batch))
+    progress = harness.Progress(epoch, steps_per_epoch, config.batch_size,
+                                config.log_every_steps, config.max_train_loss)
     for i, (images, labels) in enumerate(batches):
       step = np.int32((epoch - 1) * steps_per_epoch + i)
       params, opt_state, metrics = train_step(params, opt_state, step, images, labels)
       if lockstep:
         jax.block_until_ready(params)
-      for k, v in metrics.items():
-        sums.setdefault(k, []).append(v)  # one value per device
-      if config.log_every_steps and (i + 1) % config.log_every_steps == 0:
-        recent = {k: float(np.mean(jax.device_get(v[-config.log_every_steps:])))
-                  for k, v in sums.items()}
-        elapsed = time.time() - t0
-        dropped = int(np.sum(jax.device_get(sums.get('dropped_samples', [0]))))
-        logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.1f img/s  eta %.0fs%s',
-                     epoch, i + 1, steps_per_epoch, recent['loss'], recent['accuracy'],
-                     (i + 1) * config.batch_size / elapsed,
-                     elapsed / (i + 1) * (steps_per_epoch - i - 1),
-                     f'  dropped {dropped} non-finite samples' if dropped else '')
-        if blown_up(recent['loss']):
-          break
+      if not progress.add(metrics):  # the same numbers in every process: all stop
+        break
     batches.close()  # stops the prefetch thread if the epoch ended early
-    train = {k: np.asarray(jax.device_get(v)) for k, v in sums.items()}  # (steps, devices)
-    epoch_time = time.time() - t0
 
-    row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
-           'train_loss': float(train['loss'].mean()),
-           'train_accuracy': float(train['accuracy'].mean()),
-           'epoch_time_s': epoch_time,
-           'images_per_s': len(train['loss']) * config.batch_size / epoch_time}
-    if 'top5_accuracy' in train:
-      row['train_top5_accuracy'] = float(train['top5_accuracy'].mean())
-    if 'log10_residual' in train:
-      worst = train['log10_residual'].max(axis=1)  # worst sample of each step
-      row['log10_residual'] = float(worst.mean())
-      row['log10_residual_max'] = float(worst.max())
-    if 'homeo_loss' in train:
-      row['train_homeo_loss'] = float(train['homeo_loss'].mean())
-    if 'dropped_samples' in train:  # non-finite error vectors left out of the gradient
-      row['dropped_samples'] = int(train['dropped_samples'].sum())
-    host_params = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], params))
-    finite_params = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(host_params))
-    if not finite_params or blown_up(row['train_loss']):
-      row['diverged'] = True
-      write_metrics(workdir, history + [row])
-      kept = (f'the checkpoint still holds epoch {epoch - 1}' if epoch > 1 else
-              'no checkpoint was written')
-      raise FloatingPointError(
-          f'training diverged in epoch {epoch} (training loss {row["train_loss"]:.4g} > '
-          f'max_train_loss={config.max_train_loss:g}, or non-finite parameters); {kept}. '
-          'Lower the learning rate or check that the dynamics converge.')
-    row['test_error'], row['test_top5_error'] = evaluate(eval_step, params, data['test'],
-                                                         config, num_devices)
-    row.update({'diag/' + k: v for k, v in to_python(diagnostics(host_params, diag_x,
-                                                                 diag_y)).items()})
-    residual = row.get('log10_residual', row['diag/log10_residual'])
-    if not residual <= config.max_log10_residual:  # NaN is not converged
-      logging.warning('epoch %d: no fixed point reached (log10 ||F|| = %.2f > %.1f); '
-                      'raise t_free or check the dynamics', epoch, residual,
-                      config.max_log10_residual)
-      row['converged'] = False
-    history.append(row)
-    write_metrics(workdir, history)
-    save_checkpoint(workdir, config, epoch,
-                    (host_params, jax.device_get(jax.tree_util.tree_map(lambda a: a[0],
-                                                                        opt_state))))
+    row = progress.row(step=epoch * steps_per_epoch)
+    host_params = harness.unreplicate(params)
+    harness.stop_if_diverged(workdir, row, host_params, config.max_train_loss)
+    row['test_error'], row['test_top5_error'] = evaluate(eval_step, params, data.test, config,
+                                                         num_devices)
+    row.update({'diag/' + k: v for k, v in
+                harness.to_floats(diagnostics(host_params, diag_x, diag_y)).items()})
+    residual = harness.flag_unconverged(row, config.max_log10_residual)
+    if process_count > 1:  # equal in every process: the replicas never drift apart
+      row['params_sha1'] = harness.params_digest(host_params)
+    workdir.save(epoch, row, (host_params, harness.unreplicate(opt_state)))
     logging.info(
         'epoch %d  train loss %.4f  acc %.2f%%  test error %.2f%% (top-5 %.2f%%)  '
         'symmetry %.3f  cos %s  angle %s  log10|F| %.1f  %.0f img/s  %.1fs', epoch,
@@ -1353,39 +968,9 @@ def train_and_evaluate(config, workdir=None):
         row['test_top5_error'], row['diag/symmetry'],
         ' '.join(f'{c:.2f}' for c in row['diag/cosine_exact']),
         ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']), residual,
-        row['images_per_s'], epoch_time)
-  return history
-
-
-def one_line(error):
-  return ' '.join(str(error).replace('\\n', ' ').split())
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad --config (missing file, misspelt field, wrong type) as
-  one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    sys.exit(f'{SCRIPT}: error: {one_line(e)}')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError('Too many command-line arguments.')
-  try:
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ConfigError, FloatingPointError) as e:
-    sys.exit(f'{SCRIPT}: error: {e}')
-  except OSError as e:  # a read-only or full disk: the files written before are intact
-    sys.exit(f'{SCRIPT}: error: cannot write the workdir: {one_line(e)}')
+        row['images_per_s'], row['epoch_time_s'])
+  return workdir.history
 
 
 if __name__ == '__main__':
-  # Defined here, not at import, so that other scripts and tests can import this module
-  # (absl refuses a second definition of --config in one process).
-  config_flags.DEFINE_config_file('config', 'configs/cifar10.py', 'Experiment configuration.')
-  flags.DEFINE_string('workdir', None, 'Where to write the config, metrics and checkpoint '
-                      '(default: runs/<script>/<settings>-<config hash>, printed at start); '
-                      'rerunning with the same workdir resumes.')
-  app.run(main, flags_parser=parse_flags)
+  harness.run_main(SCRIPT, train_and_evaluate, 'configs/cifar10.py')

@@ -31,6 +31,7 @@ def get_config():
   c.train_size = 0  # use only the first n training images (0 = all)
   c.test_size = 0  # use only the first n test images (0 = all)
   c.augment = True  # random flip + random 32x32 crop of the image padded to 36x36 (on device)
+  c.data_threads = 1  # threads per process that gather (ImageNet: read and decode) examples
 
   # Network (App. D.2): 3x3 convs + 2x2 softmax pooling, states (16,16,128), (8,8,256),
   # (4,4,512), (1,1,512); backward kernels start at angle alpha (degrees) from the forward
@@ -74,10 +75,16 @@ def get_config():
   c.weight_decay = 1e-4
   c.readout_wd_factor = 2.0
   c.lr_factors = (25.0, 15.0, 10.0, 8.0, 5.0)
-  c.batch_size = 256
+  c.batch_size = 256  # global: split over every device of every process
   c.num_epochs = 150
-  c.num_devices = 0  # 0 = all local devices; the batch is split across them
+  c.num_devices = 0  # devices per process (0 = all local devices); the batch is split across all
   c.eval_batch_size = 1000
+
+  # Processes (jax.distributed): '' / 0 / -1 = one process, or found from Slurm / Open MPI.
+  c.coordinator_address = ''  # host:port of process 0, reachable by every process
+  c.num_processes = 0
+  c.process_id = -1
+  c.process_timeout_s = 300  # wait at most this long for the others to start or to answer
 
   # Diagnostics, once per epoch on one fixed batch of training images.
   c.diag_batch_size = 64

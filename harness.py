@@ -1,0 +1,729 @@
+"""The run machinery every experiment script shares (none of it is the paper's science).
+
+    config checks   ConfigError, check_number / check_choice / check_fields, check_devices
+    workdir         run_config, default_workdir, Workdir (config.json, metrics.jsonl and an
+                    npz checkpoint, written atomically; resume; refuses another run's files)
+    metrics         Progress (per-step metrics -> log lines and the epoch's row), read_rows
+    processes       start_processes, check_same_config, broadcast, batch / eval indices
+    input           read_idx, prefetch, TFDS preparation checks
+    command line    parse_flags, run_main (one-line errors and exit codes)
+
+The scripts hand in what differs between them (the fields a resumed run may change, the
+script's name): this module never imports a script and never reads an experiment's config
+fields beyond the few named here (num_devices, batch sizes, the process fields).
+"""
+import concurrent.futures
+import collections
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+CHECKPOINT = 'checkpoint.npz'
+METRICS = 'metrics.jsonl'
+
+
+class ConfigError(ValueError):
+  """Bad input, reported as one line before any compute is spent."""
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def check_number(config, name, kind, low=None, high=None, above=None):
+  """One numeric config field: an int (kind=int) or a number, finite, >= low, <= high, > above."""
+  value = config[name]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not is_number or (kind is int and not isinstance(value, int)):
+    raise ConfigError(f'{name} must be {"an integer" if kind is int else "a number"}, '
+                      f'got {value!r}')
+  if not math.isfinite(value):
+    raise ConfigError(f'{name} must be finite, got {value}')
+  bounds = [f'>= {low}' if low is not None and value < low else None,
+            f'<= {high}' if high is not None and value > high else None,
+            f'> {above}' if above is not None and value <= above else None]
+  broken = [b for b in bounds if b]
+  if broken:
+    raise ConfigError(f'{name} must be {broken[0]}, got {value}')
+
+
+def check_choice(config, name, choices):
+  if config[name] not in choices:
+    raise ConfigError(f'unknown {name} {config[name]!r} (use one of {", ".join(choices)})')
+
+
+def check_fields(config, spec):
+  """Checks the fields of a table: {name: choices (a tuple of str) | bool | (kind, low, high,
+  above) with kind int or float and None for no bound}."""
+  for name, rule in spec.items():
+    if rule is bool:
+      if not isinstance(config[name], bool):
+        raise ConfigError(f'{name} must be True or False, got {config[name]!r}')
+    elif rule[0] in (int, float):
+      check_number(config, name, *rule)
+    else:
+      check_choice(config, name, rule)
+
+
+def check_int_tuple(config, name, min_len):
+  value = config[name]
+  if not isinstance(value, (tuple, list)) or len(value) < min_len or not all(
+      isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value):
+    raise ConfigError(f'{name} must be a tuple of >= {min_len} positive integers, got {value!r}')
+
+
+def check_devices(config, num_local_devices, num_processes=1):
+  """The number of local devices to use (config.num_devices, 0 = all); the global batch
+  sizes must split evenly over every device of every process."""
+  num_devices = config.num_devices or num_local_devices
+  if num_devices > num_local_devices:
+    raise ConfigError(f'num_devices={num_devices} but only {num_local_devices} local devices')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % (num_devices * num_processes):
+      where = f'{num_devices} devices' + (f' x {num_processes} processes'
+                                          if num_processes > 1 else '')
+      raise ConfigError(f'{name}={config[name]} is not divisible by the {where}')
+  return num_devices
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def run_config(config, resumable):
+  """The config as plain JSON data, without the fields a resumed run may change."""
+  return {k: v for k, v in json.loads(config.to_json()).items() if k not in resumable}
+
+
+def config_digest(config, resumable):
+  """SHA-1 of run_config: equal digests, the same run."""
+  return hashlib.sha1(json.dumps(run_config(config, resumable), sort_keys=True).encode()).digest()
+
+
+def default_workdir(script, name, config, resumable):
+  """runs/<script without .py>/<name>-<first 8 hex digits of the run config's digest>."""
+  return os.path.join('runs', script[:-3], f'{name}-{config_digest(config, resumable).hex()[:8]}')
+
+
+def write_atomic(path, write):
+  """write(file) into path.tmp, flushed to disk, then renamed over path: a kill or a full disk
+  leaves the previous file intact (and no .tmp behind)."""
+  tmp = path + '.tmp'
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path, data):
+  write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + '\n').encode()))
+
+
+def differing_fields(saved, current):
+  return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def json_safe(value):
+  """Non-finite floats become null: metrics.jsonl stays strict JSON."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class Workdir:
+  """A run's folder: config.json, metrics.jsonl (one strict-JSON row per epoch) and
+  checkpoint.npz (the state of the last finished epoch, with the run config it was made with).
+
+  Opening one checks everything that could refuse it (a file in its place, another run's
+  config or checkpoint, a damaged metrics file) and writes nothing; start() then writes
+  config.json. Nothing in it is ever unpickled, so someone else's workdir cannot run code.
+  `writer=False` (every process of a multi-process run but process 0) touches no file.
+  """
+
+  def __init__(self, path, config, resumable, writer=True):
+    self.path, self.writer = path, writer
+    self.resumable = resumable
+    self.config = json.loads(config.to_json())
+    self.run_config = run_config(config, resumable)
+    self.checkpoint, self.history = None, []
+    if writer:
+      self._check()
+
+  def _file(self, name):
+    return os.path.join(self.path, name)
+
+  def _check(self):
+    if os.path.exists(self.path) and not os.path.isdir(self.path):
+      raise ConfigError(f'--workdir {self.path} is a file, not a folder')
+    path = self._file('config.json')
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          saved = json.load(f)
+        assert isinstance(saved, dict)
+      except (ValueError, AssertionError) as e:
+        raise ConfigError(f'{path} is empty or not a JSON config; restore it, or delete it to '
+                          'resume from the checkpoint (which carries its own config)') from e
+      changed = differing_fields(
+          {k: v for k, v in saved.items() if k not in self.resumable}, self.run_config)
+      if changed:
+        raise ConfigError(f'{self.path} holds a run with a different config '
+                          f'({", ".join(changed)}); use another --workdir')
+    self.checkpoint = self._read_checkpoint()
+    if self.checkpoint is not None:
+      changed = differing_fields(self.checkpoint['config'], self.run_config)
+      if changed:
+        raise ConfigError(f'the checkpoint in {self.path} was made with a different config '
+                          f'({", ".join(changed)}); use another --workdir')
+    self.history = self._read_metrics(self.checkpoint['epoch'] if self.checkpoint else 0)
+
+  def _read_checkpoint(self):
+    """{'epoch', 'config', 'paths', 'leaves'} of the checkpoint, or None if there is none."""
+    path = self._file(CHECKPOINT)
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        ckpt = json.loads(str(z['meta']))
+        ckpt['leaves'] = [z[f'leaf{i:05d}'] for i in range(len(ckpt['paths']))]
+      assert isinstance(ckpt['epoch'], int) and isinstance(ckpt['config'], dict)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f'{path} is damaged or not a checkpoint of this script '
+                        f'({type(e).__name__}); move it away to start the run over') from e
+    return ckpt
+
+  def _read_metrics(self, last_epoch):
+    """Metrics rows of the epochs up to `last_epoch` (later ones were not checkpointed)."""
+    path = self._file(METRICS)
+    if not os.path.exists(path):
+      if last_epoch:
+        logging.warning('%s is missing: it will hold only the epochs from %d on', path,
+                        last_epoch + 1)
+      return []
+    rows = []
+    with open(path) as f:
+      for number, line in enumerate(f, 1):
+        try:
+          rows.append(json.loads(line))
+          assert isinstance(rows[-1]['epoch'], int)
+        except (ValueError, AssertionError, KeyError, TypeError) as e:
+          raise ConfigError(f'{path} line {number} is not a metrics row; fix or remove that '
+                            'line to resume') from e
+    rows = [r for r in rows if r['epoch'] <= last_epoch]
+    if len(rows) < last_epoch:
+      logging.warning('%s holds %d of the %d checkpointed epochs', path, len(rows), last_epoch)
+    return rows
+
+  def start(self):
+    """Creates the folder and writes config.json (which also proves the folder is writable)."""
+    if self.writer:
+      os.makedirs(self.path, exist_ok=True)
+      write_json(self._file('config.json'), self.config)
+
+  def restore(self, template):
+    """(state, first epoch to run): the checkpoint's arrays in the pytree structure of
+    `template` (checked leaf by leaf), or `template` itself and 1 for a new run."""
+    if self.checkpoint is None:
+      return template, 1
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = self.checkpoint['leaves']
+    if [jax.tree_util.keystr(p) for p, _ in flat] != list(self.checkpoint['paths']) or any(
+        np.shape(a) != b.shape or np.result_type(a) != b.dtype for (_, a), b in zip(flat, leaves)):
+      raise ConfigError('the checkpoint does not hold the parameters of this network')
+    return jax.tree_util.tree_unflatten(treedef, leaves), self.checkpoint['epoch'] + 1
+
+  def write_metrics(self, rows):
+    if self.writer:
+      text = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in rows)
+      write_atomic(self._file(METRICS), lambda f: f.write(text.encode()))
+
+  def save(self, epoch, row, state):
+    """Appends the epoch's metrics row, then checkpoints `state` (host arrays) atomically as
+    an .npz (no pickle) with the epoch, the run config and every leaf's pytree path."""
+    self.history.append(row)
+    self.write_metrics(self.history)
+    if not self.writer:
+      return
+    paths, leaves = zip(*[(jax.tree_util.keystr(p), np.asarray(a))
+                          for p, a in jax.tree_util.tree_flatten_with_path(state)[0]])
+    meta = json.dumps({'epoch': epoch, 'config': self.run_config, 'paths': paths})
+    arrays = {f'leaf{i:05d}': a for i, a in enumerate(leaves)}
+    write_atomic(self._file(CHECKPOINT), lambda f: np.savez(f, meta=np.asarray(meta), **arrays))
+
+
+def read_rows(path):
+  """metrics.jsonl rows sorted by epoch, read leniently for reports (unreadable lines skipped,
+  the last row of an epoch wins; [] if the file is missing or unreadable)."""
+  by_epoch = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and isinstance(row.get('epoch'), int):
+          by_epoch[row['epoch']] = row
+  except OSError:
+    return []
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def git_commit(root):
+  """HEAD's commit of the checkout at `root`, with '-dirty' when tracked files outside
+  results/ differ from it ('unknown' outside git)."""
+  try:
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '.', ':(exclude)results'],
+                           cwd=root).returncode != 0
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return head + ('-dirty' if dirty else '')
+
+
+def machine():
+  """Platform, core count, Python version and CPU model of this machine."""
+  info = {'platform': platform.platform(), 'nproc': os.cpu_count(),
+          'python': platform.python_version()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu'] = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return info
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def reduce_metrics(metrics, axis_name='batch'):
+  """A step's metrics over every device of every process (inside pmap), so that each process
+  logs and stops on the same numbers: sums for counts, the worst residual, means otherwise."""
+  reduce = {'dropped_samples': jax.lax.psum, 'log10_residual': jax.lax.pmax}
+  return {k: reduce.get(k, jax.lax.pmean)(v, axis_name) for k, v in metrics.items()}
+
+
+class Progress:
+  """The per-step metrics of one epoch (reduced by reduce_metrics: equal on every device):
+  a progress line every `log_every` steps, and the epoch's summary row."""
+
+  def __init__(self, epoch, steps, batch_size, log_every, max_train_loss):
+    self.epoch, self.steps, self.batch_size = epoch, steps, batch_size
+    self.log_every, self.max_train_loss = log_every, max_train_loss
+    self.values, self.start = collections.defaultdict(list), time.time()
+
+  def blown_up(self, loss):
+    return not loss <= self.max_train_loss  # NaN counts as blown up
+
+  def add(self, metrics):
+    """Records one step's metrics; returns False when the recent loss has blown up."""
+    for k, v in metrics.items():
+      self.values[k].append(v)
+    done = len(self.values['loss'])
+    if not self.log_every or done % self.log_every:
+      return True
+    recent = {k: np.asarray(jax.device_get(v[-self.log_every:]))[:, 0]
+              for k, v in self.values.items()}
+    elapsed = time.time() - self.start
+    dropped = int(recent['dropped_samples'].sum()) if 'dropped_samples' in recent else 0
+    loss = float(recent['loss'].mean())
+    logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.0f img/s  eta %.0fs%s',
+                 self.epoch, done, self.steps, loss, float(recent['accuracy'].mean()),
+                 done * self.batch_size / elapsed, elapsed / done * (self.steps - done),
+                 f'  dropped {dropped} non-finite samples' if dropped else '')
+    return not self.blown_up(loss)
+
+  def row(self, step):
+    """The epoch's training metrics: means over its steps, the residual of the worst sample
+    (mean and max over steps), the dropped samples summed, time and throughput."""
+    train = {k: np.asarray(jax.device_get(v))[:, 0] for k, v in self.values.items()}
+    elapsed = time.time() - self.start
+    row = {'epoch': self.epoch, 'step': step, 'train_loss': float(train['loss'].mean()),
+           'train_accuracy': float(train['accuracy'].mean()), 'epoch_time_s': elapsed,
+           'images_per_s': len(train['loss']) * self.batch_size / elapsed}
+    if 'top5_accuracy' in train:
+      row['train_top5_accuracy'] = float(train['top5_accuracy'].mean())
+    if 'log10_residual' in train:
+      row['log10_residual'] = float(train['log10_residual'].mean())
+      row['log10_residual_max'] = float(train['log10_residual'].max())
+    if 'homeo_loss' in train:
+      row['train_homeo_loss'] = float(train['homeo_loss'].mean())
+    if 'dropped_samples' in train:  # non-finite error vectors left out of the gradient
+      row['dropped_samples'] = int(train['dropped_samples'].sum())
+    return row
+
+
+def stop_if_diverged(workdir, row, params, max_train_loss):
+  """Raises FloatingPointError, after writing the row marked as diverged, when the epoch's
+  training loss exceeds max_train_loss (or is NaN) or a parameter is not finite; the
+  checkpoint of the last good epoch is kept."""
+  finite = all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(params))
+  if finite and row['train_loss'] <= max_train_loss:
+    return
+  row['diverged'] = True
+  workdir.write_metrics(workdir.history + [row])
+  epoch = row['epoch']
+  kept = f'the checkpoint still holds epoch {epoch - 1}' if epoch > 1 else 'no checkpoint was written'
+  raise FloatingPointError(
+      f'training diverged in epoch {epoch} (training loss {row["train_loss"]:.4g} > '
+      f'max_train_loss={max_train_loss:g}, or non-finite parameters); {kept}. '
+      'Lower the learning rate or check that the dynamics converge.')
+
+
+def flag_unconverged(row, max_log10_residual):
+  """Marks the row (converged: false) and warns when the free phase missed its fixed point."""
+  residual = row.get('log10_residual', row.get('diag/log10_residual'))
+  if not residual <= max_log10_residual:  # NaN is not converged
+    logging.warning('epoch %d: no fixed point reached (log10 ||F|| = %.2f > %.1f); '
+                    'raise t_free or check the dynamics', row['epoch'], residual,
+                    max_log10_residual)
+    row['converged'] = False
+  return residual
+
+
+def to_floats(tree):
+  """Device scalars and lists of them -> Python floats, for JSON."""
+  return jax.tree_util.tree_map(float, jax.device_get(tree))
+
+
+# ----------------------------------------------------------------------------- devices, processes
+
+def replicate(tree, num_devices):
+  """A copy per device along a new leading axis, placed as jax.pmap places its outputs.
+
+  (An uncommitted array, e.g. from jnp.broadcast_to, makes pmap compile the train step a
+  second time when its own outputs come back in.)
+  """
+  devices = jax.local_devices()[:num_devices]
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('batch',)),
+                                        jax.sharding.PartitionSpec('batch'))
+  return jax.tree_util.tree_map(
+      lambda a: jax.device_put(np.broadcast_to(np.asarray(a), (num_devices, *np.shape(a))),
+                               sharding), tree)
+
+
+def unreplicate(tree):
+  """Device 0's copy, as host arrays."""
+  return jax.device_get(jax.tree_util.tree_map(lambda a: a[0], tree))
+
+
+def shard(array, num_devices):
+  """(batch, ...) -> (num_devices, batch / num_devices, ...) for pmap."""
+  return array.reshape(num_devices, -1, *array.shape[1:])
+
+
+PROCESS_FIELDS = ('coordinator_address', 'num_processes', 'process_id', 'process_timeout_s')
+
+
+def cluster_detected():
+  """Whether this process is one task of several launched by Slurm or Open MPI, which
+  jax.distributed.initialize() recognises without arguments."""
+  return any(int(os.environ.get(name, '1') or '1') > 1
+             for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def start_processes(config):
+  """Joins the run's other processes, if any (jax.distributed); returns (index, count).
+
+  One process needs nothing. Several: coordinator_address, num_processes and process_id
+  (the same address and count in every process, ids 0..n-1), or none of them under Slurm /
+  Open MPI. Must run before anything touches a device. process_timeout_s bounds both the
+  wait for the others at start and how long a silent process is waited for later.
+  """
+  c = config
+  check_fields(c, {'num_processes': (int, 0), 'process_id': (int, -1),
+                   'process_timeout_s': (int, 1)})
+  if not isinstance(c.coordinator_address, str):
+    raise ConfigError(f'coordinator_address must be a string host:port, got '
+                      f'{c.coordinator_address!r}')
+  if c.coordinator_address:
+    if ':' not in c.coordinator_address:
+      raise ConfigError(f'coordinator_address must be host:port, got {c.coordinator_address!r}')
+    if c.num_processes < 1 or not 0 <= c.process_id < c.num_processes:
+      raise ConfigError(f'with coordinator_address, set num_processes >= 1 and process_id in '
+                        f'0..num_processes-1 (got {c.num_processes} and {c.process_id})')
+    where = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
+                 process_id=c.process_id)
+  elif c.num_processes > 1 or c.process_id >= 0:
+    raise ConfigError('num_processes and process_id need coordinator_address (host:port of '
+                      'process 0)')
+  elif cluster_detected():
+    where = {}  # jax.distributed reads the cluster's environment
+  else:
+    return 0, 1
+  if not jax.distributed.is_initialized():
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs
+    try:
+      jax.distributed.initialize(**where, initialization_timeout=c.process_timeout_s,
+                                 heartbeat_timeout_seconds=c.process_timeout_s)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f'could not join the other processes ({one_line(e)})') from e
+  return jax.process_index(), jax.process_count()
+
+
+def broadcast(tree):
+  """Process 0's values of `tree` in every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.broadcast_one_to_all(tree)
+
+
+def sync_processes(name):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices(name)
+
+
+def check_same_config(config, resumable):
+  """Every process must run process 0's config (apart from the fields that say where it
+  runs): compares a digest of run_config with process 0's."""
+  mine = np.frombuffer(config_digest(config, resumable), np.uint8)
+  if not np.array_equal(broadcast(mine), mine):
+    raise ConfigError(f'process {jax.process_index()} was started with another config than '
+                      'process 0: start every process with the same flags')
+
+
+def process_batch_indices(num_examples, batch_size, seed, epoch, process_index=0,
+                          process_count=1):
+  """(steps, batch_size // process_count) indices: this process's share of every global batch
+  of one epoch, the last partial batch dropped.
+
+  Every process draws the same permutation, np.random.default_rng([seed, epoch]) (a resumed
+  run sees the same batches); global batch i is its i-th block of batch_size indices, and
+  process p reads the p-th of the block's process_count equal slices. The global batch does
+  not depend on how many processes share the run (tfds.split_for_jax_process, with a fresh
+  split every epoch).
+  """
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  steps = num_examples // batch_size
+  blocks = order[:steps * batch_size].reshape(steps, process_count, -1)
+  return blocks[:, process_index]
+
+
+def process_eval_indices(num_examples, batch_size, process_index=0, process_count=1):
+  """[(indices, mask)] of this process's contiguous block of a split, in calls of
+  batch_size // process_count examples; every process makes the same number of calls, the
+  last ones padded (index 0, mask 0)."""
+  per_process = -(-num_examples // process_count)
+  per_call = batch_size // process_count
+  start = process_index * per_process
+  block = np.arange(start, min(num_examples, start + per_process))
+  calls = []
+  for i in range(-(-per_process // per_call)):
+    idx = block[i * per_call:(i + 1) * per_call]
+    mask = np.concatenate([np.ones(len(idx), np.float32),
+                           np.zeros(per_call - len(idx), np.float32)])
+    calls.append((np.pad(idx, (0, per_call - len(idx))), mask))
+  return calls
+
+
+def params_digest(params):
+  """SHA-1 of the parameters' bytes (first 16 hex digits): equal digests, equal replicas."""
+  h = hashlib.sha1()
+  for a in jax.tree_util.tree_leaves(params):
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- input
+
+def read_idx(path):
+  """A gzipped uint8 IDX file (the MNIST format) as an array; ConfigError if unreadable."""
+  try:
+    with gzip.open(path, 'rb') as f:
+      data = f.read()
+    if len(data) < 4 or data[0:3] != b'\x00\x00\x08':
+      raise ValueError('not a uint8 IDX header')
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+  except (EOFError, OSError, zlib.error, ValueError, IndexError) as e:  # BadGzipFile: OSError
+    raise ConfigError(f'{path} is damaged or not a gzipped uint8 IDX file '
+                      f'({type(e).__name__}: {e})') from e
+
+
+def read_batches(split, index_batches, threads=1):
+  """split.read(indices) of each index array in turn, on `threads` threads, at most
+  2 * threads reads ahead of the consumer (decoding releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending = collections.deque()
+    for idx in index_batches:
+      pending.append(pool.submit(split.read, idx))
+      if len(pending) > 2 * threads:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+_END = object()
+
+
+class _Raised:
+
+  def __init__(self, error):
+    self.error = error
+
+
+def prefetch(iterator, put=jax.device_put, size=2):
+  """Yields put(item) for the items of `iterator`, computed `size` items ahead in a thread.
+
+  `put` moves a batch to the device(s); the host gathers and copies the next batches while
+  the device runs the current step. Exceptions of the iterator or of `put` are raised here;
+  closing the generator (or leaving the loop early) stops the thread.
+  """
+  items = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def offer(item):
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in iterator:
+        if not offer(put(item)):
+          return
+      offer(_END)
+    except BaseException as e:  # pylint: disable=broad-except
+      offer(_Raised(e))
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = items.get()
+      if item is _END:
+        return
+      if isinstance(item, _Raised):
+        raise item.error
+      yield item
+  finally:
+    stop.set()
+    thread.join()
+
+
+def url_reachable(url, timeout_s=3.0):
+  """Whether an HTTP HEAD of `url` succeeds (status < 400) within timeout_s in total.
+
+  Goes through requests, so HTTP(S)_PROXY settings apply as they do for TFDS's download.
+  Runs in a daemon thread, because the name lookup has no timeout of its own.
+  """
+  import requests  # pylint: disable=g-import-not-at-top  (a TFDS dependency)
+  reached = threading.Event()
+
+  def head():
+    try:
+      if requests.head(url, timeout=timeout_s, allow_redirects=True).status_code < 400:
+        reached.set()
+    except requests.RequestException:
+      pass
+
+  thread = threading.Thread(target=head, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return reached.is_set()
+
+
+def tensorflow_installed():
+  return importlib.util.find_spec('tensorflow') is not None
+
+
+def preparation_problem(name, data_dir, url):
+  """Why TFDS cannot prepare data set `name` here (one line), or None; answers in seconds.
+
+  Without these checks TFDS retries an unreachable download (`url`, what it would fetch)
+  for minutes, and TensorFlow, which TFDS needs to prepare the data (not to read it), would
+  only be found missing after the download.
+  """
+  hint = (f'or set --config.tfds_data_dir to a folder holding {name} prepared by TFDS '
+          '(array_record format)')
+  if not tensorflow_installed():
+    return (f'{name} is not prepared in {data_dir}; preparing it needs TensorFlow and '
+            f'internet: pip install tensorflow-cpu and rerun with internet, {hint}')
+  if not url_reachable(url):
+    return (f'{name} is not prepared in {data_dir} and {url} cannot be reached to download '
+            f'it (no internet?): rerun with internet, {hint}')
+  return None
+
+
+# ----------------------------------------------------------------------------- command line
+
+def one_line(error):
+  return ' '.join(str(error).replace('\\n', ' ').split())
+
+
+def parse_flags(script):
+  """absl's flag parser for `script`, with a bad --config (missing file, misspelt field,
+  wrong type) as one line instead of a traceback."""
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      sys.exit(f'{script}: error: {one_line(e)}')
+  return parse
+
+
+def define_flags(default_config, workdir_help='Where to write the config, metrics and checkpoint'):
+  """--config (an ml_collections file, --config.field=value overrides) and --workdir."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', default_config, 'Experiment configuration.')
+  flags.DEFINE_string('workdir', None, f'{workdir_help} (default: runs/<script>/<settings>-'
+                      '<config hash>, printed at start); rerunning with the same workdir resumes.')
+
+
+def run_main(script, train_and_evaluate, default_config):
+  """The command line of an experiment script: flags, then train_and_evaluate(config,
+  workdir), every expected failure as one line `<script>: error: ...` and exit code 1.
+
+  In a multi-process run any other failure (typically a collective that lost a process that
+  died) ends the process at once with os._exit: the orderly shutdown of jax.distributed would
+  wait for the dead process, then abort with a stack dump.
+  """
+  define_flags(default_config)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError('Too many command-line arguments.')
+    try:
+      train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ConfigError, FloatingPointError) as e:
+      sys.exit(f'{script}: error: {e}')
+    except OSError as e:  # a read-only or full disk: the files written before are intact
+      sys.exit(f'{script}: error: cannot write the workdir: {one_line(e)}')
+    except Exception as e:  # pylint: disable=broad-except
+      if jax.process_count() == 1:
+        raise
+      print(f'{script}: error: process {jax.process_index()} of {jax.process_count()} stopped: '
+            f'{one_line(e)[:300]}. If another process died, restart all processes with the '
+            'same flags: they resume after the last checkpoint.', file=sys.stderr, flush=True)
+      os._exit(1)  # pylint: disable=protected-access
+
+  app.run(main, flags_parser=parse_flags(script))
