@@ -1,0 +1,305 @@
+"""harness.py: the run machinery every script shares, tested once against the module itself.
+
+A hostile user's workdir (damaged, someone else's, a pickle) is refused with one line and
+left as it was; writes are atomic; metrics are strict JSON; config fields are checked by
+table. The scripts' own use of it is covered by one smoke case each at the bottom.
+"""
+import errno
+import json
+import os
+import pickle
+
+import ml_collections
+import numpy as np
+import pytest
+
+import harness
+import scripts
+
+RESUMABLE = ('num_epochs', 'log_every_steps')
+
+
+def config(**overrides):
+  c = ml_collections.ConfigDict(dict(seed=0, learning_rate=0.1, hidden=(3, 2), name='a',
+                                     num_epochs=2, log_every_steps=0, flag=True, batch_size=8,
+                                     eval_batch_size=4, num_devices=0), type_safe=False)
+  c.update(overrides)
+  return c
+
+
+def state(scale=1.0):
+  return ({'w': scale * np.ones((3, 2), np.float32), 'b': [np.zeros(2, np.float32)]},
+          {'count': np.int32(3)})
+
+
+def snapshot(folder):
+  out = {}
+  for f in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, f), 'rb') as fh:
+      out[f] = fh.read()
+  return out
+
+
+def a_run_after_one_epoch(path, c=None):
+  """A workdir as a finished epoch 1 leaves it: config.json, metrics, checkpoint."""
+  workdir = harness.Workdir(path, c or config(), RESUMABLE)
+  workdir.start()
+  workdir.save(1, {'epoch': 1, 'train_loss': 2.3}, state())
+  return workdir
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def test_a_new_workdir_is_written_only_by_start(tmp_path):
+  path = str(tmp_path / 'run')
+  workdir = harness.Workdir(path, config(), RESUMABLE)
+  assert not os.path.exists(path)  # checking writes nothing (a failed start leaves nothing)
+  workdir.start()
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['learning_rate'] == 0.1
+
+
+def test_save_then_resume_restores_every_leaf_and_the_history(tmp_path):
+  path = str(tmp_path / 'run')
+  a_run_after_one_epoch(path)
+  workdir = harness.Workdir(path, config(num_epochs=5), RESUMABLE)  # a resumable field
+  restored, start_epoch = workdir.restore(state(scale=0.0))
+  assert start_epoch == 2
+  np.testing.assert_array_equal(restored[0]['w'], np.ones((3, 2)))
+  assert restored[1]['count'] == 3 and restored[1]['count'].dtype == np.int32
+  assert workdir.history == [{'epoch': 1, 'train_loss': 2.3}]
+
+
+def test_a_checkpoint_of_another_network_is_refused(tmp_path):
+  path = str(tmp_path / 'run')
+  a_run_after_one_epoch(path)
+  workdir = harness.Workdir(path, config(), RESUMABLE)
+  other = ({'w': np.ones((3, 3), np.float32), 'b': [np.zeros(2, np.float32)]},
+           {'count': np.int32(0)})
+  with pytest.raises(harness.ConfigError, match='does not hold the parameters'):
+    workdir.restore(other)
+
+
+def test_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+  path = str(tmp_path / 'run')
+  workdir = a_run_after_one_epoch(path)
+  workdir.write_metrics(workdir.history + [{'epoch': 2, 'train_loss': 1.0}])  # then killed
+  assert harness.Workdir(path, config(), RESUMABLE).history == [{'epoch': 1, 'train_loss': 2.3}]
+
+
+class Exploit:
+  """Unpickling this creates a file: the proof that a pickle was loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+WORKDIR_CASES = {
+    'truncated checkpoint': ('checkpoint.npz', 'truncate', 'damaged or not a checkpoint'),
+    'garbage checkpoint': ('checkpoint.npz', b'garbage' * 10, 'damaged or not a checkpoint'),
+    'empty checkpoint': ('checkpoint.npz', b'', 'damaged or not a checkpoint'),
+    'pickled checkpoint': ('checkpoint.npz', 'pickle', 'damaged or not a checkpoint'),
+    'invalid config.json': ('config.json', b'{"seed": 0,', 'not a JSON config'),
+    'empty config.json': ('config.json', b'', 'not a JSON config'),
+    'config.json of a list': ('config.json', b'[1, 2]', 'not a JSON config'),
+    'config.json of another run': ('config.json', b'{"seed": 1}', 'different config .*seed'),
+    'bad metrics line': ('metrics.jsonl', b'{"epoch": 1}\nnot json\n', 'line 2 is not a metrics'),
+    'metrics row without epoch': ('metrics.jsonl', b'{"loss": 1}\n', 'line 1 is not a metrics'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(WORKDIR_CASES))
+def test_a_damaged_workdir_is_a_one_line_error_and_stays_as_it_was(case, tmp_path):
+  path = str(tmp_path / 'run')
+  a_run_after_one_epoch(path)
+  target, content, message = WORKDIR_CASES[case]
+  marker = tmp_path / 'unpickled'
+  if content == 'truncate':
+    content = (tmp_path / 'run' / target).read_bytes()[:200]
+  elif content == 'pickle':
+    content = pickle.dumps(Exploit(str(marker)))
+  (tmp_path / 'run' / target).write_bytes(content)
+  before = snapshot(path)
+  with pytest.raises(harness.ConfigError, match=message) as error:
+    harness.Workdir(path, config(), RESUMABLE)
+  assert '\n' not in str(error.value)
+  assert snapshot(path) == before
+  assert not marker.exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(harness.ConfigError, match='is a file, not a folder'):
+    harness.Workdir(str(tmp_path / 'file'), config(), RESUMABLE)
+
+
+def test_the_checkpoint_carries_its_config_and_refuses_another(tmp_path):
+  path = str(tmp_path / 'run')
+  a_run_after_one_epoch(path)
+  os.remove(os.path.join(path, 'config.json'))  # only the checkpoint knows the config now
+  before = snapshot(path)
+  for change, field in ((dict(learning_rate=0.5), 'learning_rate'),
+                        (dict(hidden=(3, 3)), 'hidden')):
+    with pytest.raises(harness.ConfigError, match=f'made with a different config .{field}'):
+      harness.Workdir(path, config(**change), RESUMABLE)
+    assert snapshot(path) == before
+  harness.Workdir(path, config(num_epochs=9, log_every_steps=3), RESUMABLE)  # resumable
+
+
+def test_a_failing_disk_keeps_the_previous_files(tmp_path, monkeypatch):
+  path = str(tmp_path / 'run')
+  workdir = a_run_after_one_epoch(path)
+  before = snapshot(path)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(harness.np, 'savez', full_disk)
+  with pytest.raises(OSError):
+    workdir.save(2, {'epoch': 2}, state())
+  monkeypatch.setattr(harness.json, 'dumps', full_disk)
+  with pytest.raises(OSError):
+    workdir.write_metrics([{'epoch': 1}])
+  # The checkpoint and config are intact and no .tmp is left behind (metrics.jsonl holds the
+  # epoch-2 row written before the checkpoint failed; a resume drops it).
+  after = snapshot(path)
+  assert after['checkpoint.npz'] == before['checkpoint.npz']
+  assert after['config.json'] == before['config.json']
+  assert not [f for f in after if f.endswith('.tmp')]
+
+
+def test_a_non_writer_touches_no_file(tmp_path):
+  path = str(tmp_path / 'run')
+  workdir = harness.Workdir(path, config(), RESUMABLE, writer=False)
+  workdir.start()
+  workdir.save(1, {'epoch': 1}, state())
+  assert not os.path.exists(path)
+  assert workdir.history == [{'epoch': 1}]
+
+
+def test_metrics_are_strict_json(tmp_path):
+  workdir = a_run_after_one_epoch(str(tmp_path / 'run'))
+  workdir.write_metrics([{'epoch': 1, 'a': float('nan'), 'b': [1.0, float('inf')]}])
+  text = (tmp_path / 'run' / 'metrics.jsonl').read_text()
+  assert 'NaN' not in text and 'Infinity' not in text
+  assert json.loads(text) == {'epoch': 1, 'a': None, 'b': [1.0, None]}
+
+
+def test_the_lenient_reader_skips_bad_lines_and_keeps_the_last_row_of_an_epoch(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"epoch": 2, "x": 1}\nnot json\n{"epoch": 1}\n{"epoch": 2, "x": 2}\n[3]\n')
+  assert harness.read_rows(str(path)) == [{'epoch': 1}, {'epoch': 2, 'x': 2}]
+  assert harness.read_rows(str(tmp_path / 'missing')) == []
+
+
+def test_the_default_workdir_name_is_settings_then_the_run_config_digest():
+  a = harness.default_workdir('x.py', 'name', config(), RESUMABLE)
+  assert a.startswith(os.path.join('runs', 'x', 'name-')) and len(a.split('-')[-1]) == 8
+  assert harness.default_workdir('x.py', 'name', config(num_epochs=7), RESUMABLE) == a
+  assert harness.default_workdir('x.py', 'name', config(seed=1), RESUMABLE) != a
+
+
+# ----------------------------------------------------------------------------- config checks
+
+SPEC = {'seed': (int, 0, 10), 'learning_rate': (float, None, None, 0), 'name': ('a', 'b'),
+        'flag': bool}
+FIELD_CASES = [
+    (dict(seed=1.5), 'seed must be an integer'),
+    (dict(seed=True), 'seed must be an integer'),
+    (dict(seed=11), 'seed must be <= 10'),
+    (dict(seed=-1), 'seed must be >= 0'),
+    (dict(learning_rate=0.0), 'learning_rate must be > 0'),
+    (dict(learning_rate=float('inf')), 'learning_rate must be finite'),
+    (dict(learning_rate='x'), 'learning_rate must be a number'),
+    (dict(name='c'), "unknown name 'c' .use one of a, b"),
+    (dict(flag=1), 'flag must be True or False'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', FIELD_CASES)
+def test_every_bad_field_is_a_one_line_error(overrides, message):
+  with pytest.raises(harness.ConfigError, match=message):
+    harness.check_fields(config(**overrides), SPEC)
+
+
+def test_a_good_config_passes_the_table():
+  harness.check_fields(config(), SPEC)
+
+
+def test_the_batch_must_split_over_devices_and_processes():
+  assert harness.check_devices(config(), 2) == 2
+  assert harness.check_devices(config(num_devices=1), 2) == 1
+  with pytest.raises(harness.ConfigError, match='only 2 local devices'):
+    harness.check_devices(config(num_devices=4), 2)
+  with pytest.raises(harness.ConfigError, match='batch_size=8 is not divisible by the 2 devices '
+                     'x 3 processes'):
+    harness.check_devices(config(), 2, 3)
+
+
+def test_a_damaged_idx_file_is_a_one_line_error(tmp_path):
+  scripts.write_idx(str(tmp_path / 'ok.gz'), np.arange(6).reshape(2, 3))
+  np.testing.assert_array_equal(harness.read_idx(str(tmp_path / 'ok.gz')),
+                                np.arange(6).reshape(2, 3))
+  (tmp_path / 'bad.gz').write_bytes((tmp_path / 'ok.gz').read_bytes()[:12])
+  (tmp_path / 'plain').write_bytes(b'\x00\x00\x08\x01\x00\x00\x00\x02ab')
+  for name in ('bad.gz', 'plain'):
+    with pytest.raises(harness.ConfigError, match='damaged or not a gzipped uint8 IDX') as e:
+      harness.read_idx(str(tmp_path / name))
+    assert '\n' not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_progress_summarises_the_epoch_from_device_0():
+  progress = harness.Progress(epoch=3, steps=2, batch_size=4, log_every=0, max_train_loss=5.0)
+  for loss, residual, dropped in ((1.0, -3.0, 1), (2.0, -1.0, 0)):
+    assert progress.add({'loss': np.array([loss, 99.0]), 'accuracy': np.array([0.5, 0.0]),
+                         'log10_residual': np.array([residual, 0.0]),
+                         'dropped_samples': np.array([dropped, 7])})
+  row = progress.row(step=6)
+  assert (row['epoch'], row['step'], row['train_loss'], row['train_accuracy']) == (3, 6, 1.5, 0.5)
+  assert (row['log10_residual'], row['log10_residual_max']) == (-2.0, -1.0)
+  assert row['dropped_samples'] == 1 and row['images_per_s'] > 0
+
+
+def test_progress_stops_on_a_blown_up_loss_at_a_log_step():
+  progress = harness.Progress(epoch=1, steps=9, batch_size=4, log_every=2, max_train_loss=5.0)
+  metric = lambda loss: {'loss': np.array([loss]), 'accuracy': np.array([0.0])}
+  assert progress.add(metric(9.0))  # not a log step yet
+  assert not progress.add(metric(float('nan')))
+
+
+def test_divergence_writes_the_row_keeps_the_checkpoint_and_raises(tmp_path):
+  path = str(tmp_path / 'run')
+  workdir = a_run_after_one_epoch(path)
+  checkpoint = snapshot(path)['checkpoint.npz']
+  harness.stop_if_diverged(workdir, {'epoch': 2, 'train_loss': 1.0}, state(), 5.0)  # fine
+  with pytest.raises(FloatingPointError, match='diverged in epoch 2.*still holds epoch 1'):
+    harness.stop_if_diverged(workdir, {'epoch': 2, 'train_loss': 1.0}, state(float('nan')), 5.0)
+  rows = harness.read_rows(os.path.join(path, 'metrics.jsonl'))
+  assert rows[-1] == {'epoch': 2, 'train_loss': 1.0, 'diverged': True}
+  assert snapshot(path)['checkpoint.npz'] == checkpoint
+
+
+# ----------------------------------------------------------------------------- every script
+
+SMOKE = [('fmnist_mlp.py', 'configs/fmnist_mlp.py'),
+         ('fmnist_feedback.py', 'configs/fmnist_feedback.py'),
+         ('cifar_conv.py', 'configs/cifar10.py'),
+         ('imagenet32_conv.py', 'configs/imagenet32.py')]
+
+
+@pytest.mark.parametrize('script,config_file', SMOKE)
+def test_every_script_reports_bad_input_in_one_line_and_writes_nothing(script, config_file,
+                                                                       tmp_path):
+  workdir = tmp_path / 'run'
+  for args, message in ((['--config.seed=-1'], 'seed must be >= 0'),
+                        (['--config.no_such_field=1'], 'no_such_field')):
+    out = scripts.run_script(script, [f'--config={config_file}', f'--workdir={workdir}', *args])
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'{script}: error: ') and message in last, out.stderr[-2000:]
+    assert 'Traceback' not in out.stderr
+    assert not workdir.exists()
