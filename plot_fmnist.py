@@ -33,6 +33,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The paper's Table 1 (validation error %, mean +- std over 5 seeds, 50 epochs), copied from
@@ -61,7 +62,7 @@ def load(results_dir):
     path, meta_path = sweep.result_paths(run, results_dir)
     if not os.path.exists(path):
       continue
-    rows = sweep.read_rows(path)
+    rows = harness.read_rows(path)
     if not rows:
       continue
     meta = None

@@ -47,13 +47,14 @@ import datetime
 import fnmatch
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import harness
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -175,27 +176,9 @@ def result_paths(run, results_dir):
   return base + '.jsonl', base + '.meta.json'
 
 
-def read_rows(path):
-  """metrics.jsonl rows sorted by epoch (unreadable lines skipped; last row of an epoch wins;
-  [] if the file is missing or unreadable)."""
-  by_epoch = {}
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(row, dict) and isinstance(row.get('epoch'), int):
-          by_epoch[row['epoch']] = row
-  except OSError:
-    return []
-  return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def epochs_in(path):
   """The last epoch recorded in a metrics.jsonl file (0 if missing or unreadable)."""
-  rows = read_rows(path)
+  rows = harness.read_rows(path)
   return rows[-1]['epoch'] if rows else 0
 
 
@@ -221,30 +204,7 @@ def git(*args, check=True):
 
 
 def git_commit_id():
-  """HEAD's commit, with '-dirty' when tracked files outside results/ differ from it
-  ('unknown' outside git)."""
-  try:
-    head = git('rev-parse', 'HEAD')
-    # Outputs under results/ do not make the code dirty; any other tracked change does.
-    dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '.', ':(exclude)results'],
-                           cwd=ROOT).returncode != 0
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return head + ('-dirty' if dirty else '')
-
-
-def machine():
-  info = {'platform': platform.platform(), 'nproc': os.cpu_count(),
-          'python': platform.python_version()}
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['cpu'] = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return info
+  return harness.git_commit(ROOT)
 
 
 def train_time(rows):
@@ -259,13 +219,13 @@ def finish(run, args, started_commit, started_at, wall_s, start_epoch):
   os.makedirs(os.path.dirname(metrics), exist_ok=True)
   shutil.copyfile(os.path.join(workdir(run, args.runs_dir), 'metrics.jsonl'), metrics)
   end_commit = git_commit_id()
-  rows = read_rows(metrics)
+  rows = harness.read_rows(metrics)
   sidecar = {
       'command': shlex.join(command(run, args.runs_dir, 'python')),
       'commit': started_commit,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'started': started_at,
-      'machine': machine(),
+      'machine': harness.machine(),
       'wall_time_s': round(wall_s, 1),
       'train_time_s': round(train_time(rows), 1),
       'epochs': rows[-1]['epoch'] if rows else 0,
