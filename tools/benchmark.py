@@ -1,8 +1,8 @@
 r"""Speed and memory of the Fashion-MNIST MLP train step, for every gradient estimator.
 
-    python benchmark.py                      # Table 1 settings, one device
-    python benchmark.py --host_devices=2     # also split each batch over 2 CPU devices
-    python benchmark.py --only=hep2 --t_free=600
+    python tools/benchmark.py                      # Table 1 settings, one device
+    python tools/benchmark.py --host_devices=2     # also split each batch over 2 CPU devices
+    python tools/benchmark.py --only=hep2 --t_free=600
 
 Each measurement runs in a fresh subprocess (clean compile caches and peak memory). For each
 estimator it prints: compile seconds (first call minus a steady step), median ms per train
@@ -18,6 +18,9 @@ import resource
 import subprocess
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from absl import app
 from absl import flags
@@ -144,7 +147,7 @@ def worker(spec):
 def run_worker(spec):
   out = subprocess.run([sys.executable, __file__, '--worker=' + json.dumps(spec)],
                        capture_output=True, text=True, check=False,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+                       cwd=ROOT)
   lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
   if out.returncode or not lines:
     raise RuntimeError(f'benchmark worker failed for {spec}:\n{out.stderr[-3000:]}')
@@ -159,7 +162,7 @@ def main(argv):
   names = _ONLY.value or list(SETTINGS)
   unknown = set(names) - set(SETTINGS)
   if unknown:
-    sys.exit(f'benchmark.py: error: unknown settings {sorted(unknown)}; known: {list(SETTINGS)}')
+    sys.exit(f'tools/benchmark.py: error: unknown settings {sorted(unknown)}; known: {list(SETTINGS)}')
   print(f'Fashion-MNIST MLP train step, batch 50, T_free {_T_FREE.value}, T_nudge 20 '
         f'({os.cpu_count()} CPU cores)')
   header = ('setting', 'devices', 'compile s', 'ms/step', 'samples/s', 'GFLOP/step',
