@@ -83,7 +83,7 @@ def plan():
       runs.append(_run('table1', f'hep{n}_beta{beta:g}', MLP, 50, algorithm='hep', n_points=n,
                        beta=beta))
   runs.append(_run('table1', 'exact', MLP, 50, algorithm='hep_exact'))
-  # Short checks that the tables of the README rest on: the other baseline (RBP's adjoint
+  # Short checks that the tables of results/README.md rest on: the other baseline (RBP's adjoint
   # fixed point) and the authors' literal synchronous update, against the sequential default
   # (compare with epochs 1-2 of table1/hep2_beta0.05 and table1/exact).
   runs.append(_run('fmnist_checks', 'rbp', MLP, 1, algorithm='rbp'))

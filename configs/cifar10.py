@@ -43,8 +43,7 @@ def get_config():
   c.tied = False
 
   # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros. T_free and T_nudge
-  # count SYNCHRONOUS steps, the paper's unit (here the run makes exactly that many steps of
-  # the configured order: see steps_for in cifar_conv.py).
+  # count SYNCHRONOUS steps, the paper's unit; both update orders run exactly that many.
   c.t_free = 250
   c.t_nudge = 40
   c.tol = 0.0  # > 0: stop a relaxation early once every sample has ||F|| < tol

@@ -1,6 +1,6 @@
 r"""Synchronous vs sequential (red-black) layer updates of the conv net, and its step timings.
 
-Not a test: a measurement that decides cifar_conv.steps_for and the default layer_updates.
+Not a test: the measurement behind the conv scripts' step counts and default layer_updates.
 
     python tools/conv_update_order.py --part=paper     # App. D.2 shapes, batch 4, float32
     python tools/conv_update_order.py --part=tiny      # 180-unit float64 net vs dense solves
