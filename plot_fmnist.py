@@ -16,7 +16,7 @@ of sweep.plan()) and writes
   paper's values), the Fig. 4 final values and a list of every run with its status.
 
 Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
-they reached. A Table 1 cell with several seeds (`<name>`, `<name>_seed1`, ...) reports
+they reached. A Table 1 cell with several seeds (`<name>_seed0`, `<name>_seed1`, ...) reports
 their mean ± std. --out_dir defaults to --results_dir.
 """
 import argparse
@@ -219,9 +219,9 @@ def fig4(loaded, group, conditions, path, title):
 def table1(loaded):
   """Markdown rows of Table 1: the paper's values and ours, per |beta|."""
   def cell(group, name):
-    # Seed 0 is `name`, further seeds `name_seed<k>`.
+    # Every seed of the cell: `name_seed<k>`.
     items = [v for k, v in loaded.items()
-             if k == f'{group}/{name}' or re.fullmatch(rf'{group}/{name}_seed\d+', k)]
+             if re.fullmatch(rf'{re.escape(group)}/{re.escape(name)}_seed\d+', k)]
     return final_error(items) if items else 'missing'
 
   columns = [(n, 'table1', lambda b, n=n: f'hep{n}_beta{b:g}') for n in (1, 2, 4, 6)]
@@ -300,25 +300,25 @@ def fig4_table(loaded, group, conditions):
 # Pairs of runs that differ in one setting: (what differs, [(label, run key)]).
 CHECKS = [
     ('layer updates, hEP N = 2, \\|beta\\| = 0.05',
-     [('sequential (default)', 'table1/hep2_beta0.05'),
-      ('synchronous', 'fmnist_checks/synchronous_hep2')]),
+     [('sequential (default)', 'table1/hep2_beta0.05_seed0'),
+      ('synchronous', 'fmnist_checks/synchronous_hep2_seed0')]),
     ('layer updates, true d_beta s*',
-     [('sequential (default)', 'table1/exact'),
-      ('synchronous', 'fmnist_checks/synchronous_exact')]),
+     [('sequential (default)', 'table1/exact_seed0'),
+      ('synchronous', 'fmnist_checks/synchronous_exact_seed0')]),
     ('layer updates, classic EP N = 1, \\|beta\\| = 0.5',
-     [('sequential (default)', 'table1/hep1_beta0.5'),
-      ('synchronous', 'fmnist_checks/synchronous_hep1_beta0.5'),
+     [('sequential (default)', 'table1/hep1_beta0.5_seed0'),
+      ('synchronous', 'fmnist_checks/synchronous_hep1_beta0.5_seed0'),
       ('sequential, seed 1', 'table1/hep1_beta0.5_seed1'),
       ('synchronous, seed 1', 'fmnist_checks/synchronous_hep1_beta0.5_seed1'),
       ('sequential, seed 2', 'table1/hep1_beta0.5_seed2'),
       ('synchronous, seed 2', 'fmnist_checks/synchronous_hep1_beta0.5_seed2')]),
     ('baselines (true gradient, up to T_nudge truncation)',
-     [('RBP, adjoint fixed point', 'fmnist_checks/rbp'),
-      ('BP through T_nudge (bptt)', 'fig3/bptt_alpha0'),
-      ('hEP, true d_beta s*', 'table1/exact')]),
+     [('RBP, adjoint fixed point', 'fmnist_checks/rbp_seed0'),
+      ('BP through T_nudge (bptt)', 'fig3/bptt_alpha0_seed0'),
+      ('hEP, true d_beta s*', 'table1/exact_seed0')]),
     ('continuous time, N = 4, \\|beta\\| = 0.5',
-     [("hold-end average (the authors')", 'table1_cont/cont4_beta0.5'),
-      ('every-step average (Eq. 8 literally)', 'fmnist_checks/cont4_every_step_beta0.5')]),
+     [("hold-end average (the authors')", 'table1_cont/cont4_beta0.5_seed0'),
+      ('every-step average (Eq. 8 literally)', 'fmnist_checks/cont4_every_step_beta0.5_seed0')]),
 ]
 
 

@@ -7,7 +7,7 @@ r"""Runs the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h) as one resu
 
 Every run is one command of a training script,
 
-    python <script> --config=configs/<x>.py --workdir=results_runs/<group>/<name> \
+    python <script> --config=configs/<x>.py --workdir=runs/sweep/<group>/<name> \
         --config.<field>=<value> ...
 
 whose workdir keeps the checkpoint: rerunning the same command resumes after the last
@@ -71,8 +71,9 @@ CONTINUOUS_OVERRIDES = (('algorithm', 'hep_continuous'), ('continuous_average', 
 
 
 def _run(group, name, target, num_epochs, seed=0, **overrides):
+  """One run, named <name>_seed<seed> (every run name ends with its seed)."""
   items = tuple(overrides.items()) + (('seed', seed), ('num_epochs', num_epochs))
-  return Run(group, name, target[0], target[1], items)
+  return Run(group, f'{name}_seed{seed}', target[0], target[1], items)
 
 
 def plan():
@@ -85,7 +86,7 @@ def plan():
   runs.append(_run('table1', 'exact', MLP, 50, algorithm='hep_exact'))
   # Short checks that the tables of results/README.md rest on: the other baseline (RBP's adjoint
   # fixed point) and the authors' literal synchronous update, against the sequential default
-  # (compare with epochs 1-2 of table1/hep2_beta0.05 and table1/exact).
+  # (compare with epochs 1-2 of table1/hep2_beta0.05_seed0 and table1/exact_seed0).
   runs.append(_run('fmnist_checks', 'rbp', MLP, 1, algorithm='rbp'))
   runs.append(_run('fmnist_checks', 'synchronous_hep2', MLP, 2, layer_updates='synchronous'))
   runs.append(_run('fmnist_checks', 'synchronous_exact', MLP, 2, algorithm='hep_exact',
@@ -96,14 +97,14 @@ def plan():
                    n_points=1, beta=0.5, layer_updates='synchronous'))
   for homeo in (0.0, 0.1):
     for seed in (0, 1, 2):
-      runs.append(_run('fig4eh', f'homeo{homeo:g}_seed{seed}', FEEDBACK, 50, seed=seed,
+      runs.append(_run('fig4eh', f'homeo{homeo:g}', FEEDBACK, 50, seed=seed,
                        homeo_coef=homeo))
   # Table 1's N = 1, |beta| = 0.5 cell (seed 0: 60 % against the paper's 38.4 +- 6.2 %):
   # two more seeds of that cell, and of the 10-epoch synchronous check above.
   for seed in (1, 2):
-    runs.append(_run('table1', f'hep1_beta0.5_seed{seed}', MLP, 50, seed=seed,
+    runs.append(_run('table1', 'hep1_beta0.5', MLP, 50, seed=seed,
                      algorithm='hep', n_points=1, beta=0.5))
-    runs.append(_run('fmnist_checks', f'synchronous_hep1_beta0.5_seed{seed}', MLP, 10,
+    runs.append(_run('fmnist_checks', 'synchronous_hep1_beta0.5', MLP, 10,
                      seed=seed, algorithm='hep', n_points=1, beta=0.5,
                      layer_updates='synchronous'))
   for algorithm in ('bptt', 'hep_exact'):
@@ -112,7 +113,7 @@ def plan():
                        alpha=float(alpha)))
   for homeo in (0.0, 1.0):
     for seed in (0, 1, 2):
-      runs.append(_run('fig4ad', f'homeo{homeo:g}_seed{seed}', MLP, 50, seed=seed,
+      runs.append(_run('fig4ad', f'homeo{homeo:g}', MLP, 50, seed=seed,
                        algorithm='hep_exact', alpha=90.0, optimizer='adam',
                        learning_rate=1e-4, homeo_coef=homeo))
   # Last: each continuous-time epoch costs about 20 of N = 2's (1200 steps per batch), so
@@ -322,7 +323,7 @@ def parse_args(argv):
                  help='git add + commit each finished run\'s .jsonl and .meta.json')
   p.add_argument('--results_dir', default='results',
                  help='where finished runs are copied (relative paths: from the repository root)')
-  p.add_argument('--runs_dir', default='results_runs',
+  p.add_argument('--runs_dir', default='runs/sweep',
                  help='parent of the workdirs (relative paths: from the repository root)')
   p.add_argument('--python', default=sys.executable)
   p.add_argument('--poll_s', type=float, default=5.0, help=argparse.SUPPRESS)

@@ -24,24 +24,24 @@ def test_report_and_figures_from_fake_results(tmp_path):
   results = str(tmp_path / 'results')
   runs = {f'{r.group}/{r.name}': r for r in sweep.plan()}
   path = lambda key: sweep.result_paths(runs[key], results)[0]
-  _write(path('table1/hep2_beta0.05'), 50)
-  _write(path('table1/hep6_beta0.5'), 12)  # partial
-  _write(path('table1_cont/cont4_beta0.5'), 10)
-  _write(path('fig3/bptt_alpha0'), 20)
-  _write(path('fig3/hep_exact_alpha90'), 1)  # one point
+  _write(path('table1/hep2_beta0.05_seed0'), 50)
+  _write(path('table1/hep6_beta0.5_seed0'), 12)  # partial
+  _write(path('table1_cont/cont4_beta0.5_seed0'), 10)
+  _write(path('fig3/bptt_alpha0_seed0'), 20)
+  _write(path('fig3/hep_exact_alpha90_seed0'), 1)  # one point
   for seed in (0, 1, 2):
     _write(path(f'fig4ad/homeo1_seed{seed}'), 50, seed=seed, homeo=1.0)
   for seed in (0, 1):
     _write(path(f'fig4ad/homeo0_seed{seed}'), 50 if seed else 7, seed=seed)
   _write(path('fig4eh/homeo0.1_seed0'), 50, homeo=0.1, mlp=False, start=0)
-  with open(sweep.result_paths(runs['table1/hep2_beta0.05'], results)[1], 'w') as f:
+  with open(sweep.result_paths(runs['table1/hep2_beta0.05_seed0'], results)[1], 'w') as f:
     json.dump({'commit': 'abcdef0123456789-dirty'}, f)
   # Table 1's N = 1, |beta| = 0.5 cell with three seeds: 30 - 10 - seed = 20, 19, 18.
-  for name, seed in (('hep1_beta0.5', 0), ('hep1_beta0.5_seed1', 1),
+  for name, seed in (('hep1_beta0.5_seed0', 0), ('hep1_beta0.5_seed1', 1),
                      ('hep1_beta0.5_seed2', 2)):
     _write(path(f'table1/{name}'), 50, seed=seed)
   # The short checks: 2 epochs of the synchronous update.
-  _write(path('fmnist_checks/synchronous_hep2'), 2, seed=3)
+  _write(path('fmnist_checks/synchronous_hep2_seed0'), 2, seed=3)
 
   assert plot_fmnist.main(['--results_dir', results]) == 0
   report = open(os.path.join(results, 'fmnist_report.md')).read()
@@ -53,13 +53,13 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert '27.60 (12/50 ep)' in report  # the partial N = 6 cell
   assert '28.00 (10 ep)' in report  # continuous time, 10 epochs planned
   assert f'19.00 ± {np.std([20.0, 19.0, 18.0], ddof=1):.2f} (n=3) (50 ep)' in report
-  assert '| table1/exact | missing (0/50) |' in report
-  assert 'table1/hep1_beta0.05' in report.split('## Notes')[1].split('\n* ')[2]  # missing
+  assert '| table1/exact_seed0 | missing (0/50) |' in report
+  assert 'table1/hep1_beta0.05_seed0' in report.split('## Notes')[1].split('\n* ')[2]  # missing
   # Checks: test error after epochs 1 / 2 / 10 (30 - 0.2 e - 3), next to the sequential run.
   assert '| synchronous | 26.8 / 26.6 / – | 0.5 | 0.79 / 0.7 / 0.99 |' in report
   assert '| sequential (default) | 29.8 / 29.6 / 28 |' in report
-  assert '| synchronous | missing | | | fmnist_checks/synchronous_exact |' in report
-  assert '| table1/hep6_beta0.5 | partial (12/50 epochs) |' in report
+  assert '| synchronous | missing | | | fmnist_checks/synchronous_exact_seed0 |' in report
+  assert '| table1/hep6_beta0.5_seed0 | partial (12/50 epochs) |' in report
   assert '| fig4ad/homeo1_seed0 | done |' in report and 'abcdef012345 |' in report
   # Fig. 4a-d, lambda = 1: final errors 30 - 10 - 5 - seed = 15, 14, 13 -> 14 ± 1/sqrt(3).
   se = np.std([15.0, 14.0, 13.0], ddof=1) / np.sqrt(3)

@@ -28,7 +28,7 @@ def test_plan_has_every_cell_once():
                     'fig4ad': 6, 'fig4eh': 6}
   assert set(counts) == set(sweep.GROUPS)
   assert len({(r.group, r.name) for r in runs}) == len(runs)
-  assert len({sweep.workdir(r, 'results_runs') for r in runs}) == len(runs)
+  assert len({sweep.workdir(r, 'runs/sweep') for r in runs}) == len(runs)
   for r in runs:
     fields = dict(r.overrides)
     assert len(fields) == len(r.overrides)  # no field given twice
@@ -54,7 +54,7 @@ def _parse(run, monkeypatch):
   values = flags.FlagValues()
   config_path = os.path.join(ROOT, run.config)
   config_flags.DEFINE_config_file('config', config_path, flag_values=values)
-  argv = sweep.command(run, 'results_runs', 'python')
+  argv = sweep.command(run, 'runs/sweep', 'python')
   argv = ['prog', f'--config={config_path}', *(a for a in argv if a.startswith('--config.'))]
   monkeypatch.setattr(sys, 'argv', argv)  # config_flags reads the overrides from sys.argv
   values(argv)
@@ -90,7 +90,7 @@ def test_status_done_partial_todo_and_the_listing(tmp_path, capsys):
   results, runs_dir = str(tmp_path / 'results'), str(tmp_path / 'runs')
   by_name = {f'{r.group}/{r.name}': r for r in sweep.plan()}
   done, partial_wd, partial_res, todo = (by_name[k] for k in (
-      'fig3/bptt_alpha0', 'fig3/bptt_alpha45', 'fig3/bptt_alpha90', 'fig3/hep_exact_alpha0'))
+      'fig3/bptt_alpha0_seed0', 'fig3/bptt_alpha45_seed0', 'fig3/bptt_alpha90_seed0', 'fig3/hep_exact_alpha0_seed0'))
   _write_metrics(sweep.result_paths(done, results)[0], 20)
   _write_metrics(os.path.join(sweep.workdir(partial_wd, runs_dir), 'metrics.jsonl'), 7)
   _write_metrics(sweep.result_paths(partial_res, results)[0], 3)
@@ -110,9 +110,9 @@ def test_status_done_partial_todo_and_the_listing(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 6
   listing = {l.split()[0]: l for l in lines}
-  assert ' done ' in listing['fig3/bptt_alpha0']
-  assert ' partial 7/20 ' in listing['fig3/bptt_alpha45']
-  assert ' todo ' in listing['fig3/hep_exact_alpha0']
+  assert ' done ' in listing['fig3/bptt_alpha0_seed0']
+  assert ' partial 7/20 ' in listing['fig3/bptt_alpha45_seed0']
+  assert ' todo ' in listing['fig3/hep_exact_alpha0_seed0']
 
   assert sweep.main(argv + ['--dry_run']) == 0
   commands = capsys.readouterr().out.splitlines()
@@ -157,32 +157,32 @@ def _fake_python(tmp_path):
 def test_run_all_resumes_copies_results_and_writes_the_sidecar(tmp_path, capsys):
   results, runs_dir = str(tmp_path / 'results'), str(tmp_path / 'runs')
   by_name = {f'{r.group}/{r.name}': r for r in sweep.plan()}
-  resumed = by_name['fig3/bptt_alpha45']
+  resumed = by_name['fig3/bptt_alpha45_seed0']
   _write_metrics(os.path.join(sweep.workdir(resumed, runs_dir), 'metrics.jsonl'), 5)
   argv = ['--results_dir', results, '--runs_dir', runs_dir, '--only', 'fig3/bptt_*',
           '--jobs', '2', '--nice', '3', '--python', _fake_python(tmp_path), '--poll_s', '0.05']
   assert sweep.main(argv) == 1  # bptt_alpha90's fake trainer fails
   out = capsys.readouterr().out
-  assert '[fail]  fig3/bptt_alpha90: exit 3' in out and 'failed: fig3/bptt_alpha90' in out
-  for name in ('bptt_alpha0', 'bptt_alpha45'):
+  assert '[fail]  fig3/bptt_alpha90_seed0: exit 3' in out and 'failed: fig3/bptt_alpha90_seed0' in out
+  for name in ('bptt_alpha0_seed0', 'bptt_alpha45_seed0'):
     run = by_name[f'fig3/{name}']
     metrics, meta = sweep.result_paths(run, results)
     rows = [json.loads(l) for l in open(metrics)]
     assert [r['epoch'] for r in rows] == list(range(1, 21))
-    assert rows[-1]['args']['config.alpha'] == ('0.0' if name == 'bptt_alpha0' else '45.0')
+    assert rows[-1]['args']['config.alpha'] == ('0.0' if name == 'bptt_alpha0_seed0' else '45.0')
     assert rows[-1]['script'] == 'fmnist_mlp.py'
     sidecar = json.load(open(meta))
     assert sidecar['command'].startswith('python fmnist_mlp.py --config=configs/fmnist_mlp.py')
     assert sidecar['commit'] == sweep.git_commit_id()
     assert sidecar['machine']['nproc'] == os.cpu_count()
     assert sidecar['epochs'] == 20 and sidecar['wall_time_s'] >= 0
-    assert sidecar['resumed_after_epoch'] == (5 if name == 'bptt_alpha45' else 0)
+    assert sidecar['resumed_after_epoch'] == (5 if name == 'bptt_alpha45_seed0' else 0)
     # Every epoch's time, those written before the resume included.
-    assert sidecar['train_time_s'] == (5 * 2.0 + 15 * 1.5 if name == 'bptt_alpha45'
+    assert sidecar['train_time_s'] == (5 * 2.0 + 15 * 1.5 if name == 'bptt_alpha45_seed0'
                                        else 30.0)
     log = open(os.path.join(sweep.workdir(run, runs_dir), 'sweep.log')).read()
     assert f'nice {os.nice(0) + 3}' in log  # niced relative to the sweep's own niceness
-  assert not os.path.exists(sweep.result_paths(by_name['fig3/bptt_alpha90'], results)[0])
+  assert not os.path.exists(sweep.result_paths(by_name['fig3/bptt_alpha90_seed0'], results)[0])
   # A second sweep finds them done and starts nothing but the failed one.
   assert sweep.main(argv) == 1
   out = capsys.readouterr().out
@@ -210,9 +210,9 @@ def test_commit_adds_exactly_the_two_result_files(tmp_path, monkeypatch):
     f.write('{}\n')
   sweep.commit_results(run, paths)
   files = git('show', '--name-only', '--format=%s', 'HEAD').split()
-  assert files[:2] == ['Results:', 'table1/hep1_beta0.05']
-  assert sorted(files[2:]) == ['results/table1/hep1_beta0.05.jsonl',
-                               'results/table1/hep1_beta0.05.meta.json']
+  assert files[:2] == ['Results:', 'table1/hep1_beta0.05_seed0']
+  assert sorted(files[2:]) == ['results/table1/hep1_beta0.05_seed0.jsonl',
+                               'results/table1/hep1_beta0.05_seed0.meta.json']
   assert 'other.txt' in git('diff', '--cached', '--name-only')
 
 
@@ -232,11 +232,11 @@ def test_sigterm_stops_the_sweep_and_its_runs_even_with_sigint_ignored(tmp_path)
   fake.chmod(0o755)
   runs_dir = tmp_path / 'runs'
   cmd = [sys.executable, os.path.join(ROOT, 'sweep.py'), '--results_dir', str(tmp_path / 'r'),
-         '--runs_dir', str(runs_dir), '--only', 'fig3/bptt_alpha0', '--python', str(fake),
+         '--runs_dir', str(runs_dir), '--only', 'fig3/bptt_alpha0_seed0', '--python', str(fake),
          '--poll_s', '0.05']
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-  pid_file = runs_dir / 'fig3' / 'bptt_alpha0' / 'pid'
+  pid_file = runs_dir / 'fig3' / 'bptt_alpha0_seed0' / 'pid'
   deadline = time.time() + 60
   while not pid_file.exists() or not pid_file.read_text():
     assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
