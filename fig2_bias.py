@@ -50,11 +50,12 @@ import numpy as np
 
 import common
 import fmnist_mlp
-from sweep import git_commit_id  # the producing commit, as in the sweep's .meta.json
+import harness
 from configs import fmnist_mlp as mlp_config
 
 FLAGS = flags.FLAGS
-ConfigError = fmnist_mlp.ConfigError
+ConfigError = harness.ConfigError
+SCRIPT = os.path.basename(__file__)
 tree_map = jax.tree_util.tree_map
 
 
@@ -62,28 +63,27 @@ tree_map = jax.tree_util.tree_map
 # Config checks (one-line errors before any compute)
 # ======================================================================================
 
+# Each field's rule for harness.check_fields: the choices, or (type, low, high, above).
+FIELDS = {
+    'data_source': ('auto', 'idx', 'tfds'), 'layer_updates': ('sequential', 'synchronous'),
+    **{name: (int, 1) for name in ('batch_size', 't_free', 't_nudge', 'dist_width',
+                                   'continuous_steps_per_point', 'continuous_periods')},
+    'continuous_n_points': (int, 2), 'continuous_beta': (float, None, None, 0),
+    'max_residual': (float, 0),  # 0 = automatic
+}
+
+
 def check_config(config):
   """Raises ConfigError on bad input; returns the trained parameters of checkpoint_dir."""
   c = config
   if 'sweep_betas' not in c:
     raise ConfigError('this is not a fig2_bias config; use --config=configs/fig2_bias.py')
-  if c.data_source not in ('auto', 'idx', 'tfds'):
-    raise ConfigError(f"unknown data_source {c.data_source!r} (use 'auto', 'idx' or 'tfds')")
-  if c.layer_updates not in ('sequential', 'synchronous'):
-    raise ConfigError(f"unknown layer_updates {c.layer_updates!r} (use 'sequential' or "
-                      "'synchronous')")
-  for name in ('batch_size', 't_free', 't_nudge', 'dist_width', 'continuous_steps_per_point',
-               'continuous_periods'):
-    if c[name] < 1:
-      raise ConfigError(f'{name} must be >= 1, got {c[name]}')
-  if not c.hidden_sizes or min(c.hidden_sizes) < 1:
-    raise ConfigError(f'hidden_sizes must be positive layer sizes, got {c.hidden_sizes}')
+  harness.check_fields(c, FIELDS)
+  for name in ('hidden_sizes', 'sweep_n_points', 'dist_depths'):
+    harness.check_int_tuple(c, name, 1)
+  harness.check_number(c, 'trace_sample', int, 0, c.batch_size - 1)
   if not c.sweep_betas or min(c.sweep_betas) <= 0:
     raise ConfigError(f'sweep_betas must be teaching amplitudes |beta| > 0, got {c.sweep_betas}')
-  if not c.sweep_n_points or min(c.sweep_n_points) < 1:
-    raise ConfigError(f'sweep_n_points must be >= 1 (1 = classic EP), got {c.sweep_n_points}')
-  if not c.dist_depths or min(c.dist_depths) < 1:
-    raise ConfigError(f'dist_depths must be numbers of hidden layers >= 1, got {c.dist_depths}')
   if not c.dist_alphas:
     raise ConfigError('dist_alphas needs at least one angle')
   if not c.sweep_alphas and not c.checkpoint_dir:
@@ -91,14 +91,6 @@ def check_config(config):
   if c.dist_depth_panel_alpha not in c.dist_alphas:
     raise ConfigError(f'dist_depth_panel_alpha={c.dist_depth_panel_alpha} must be one of '
                       f'dist_alphas {tuple(c.dist_alphas)}')
-  if c.continuous_n_points < 2:
-    raise ConfigError(f'continuous_n_points must be >= 2, got {c.continuous_n_points}')
-  if not c.continuous_beta > 0:
-    raise ConfigError(f'continuous_beta (|beta|) must be > 0, got {c.continuous_beta}')
-  if not 0 <= c.trace_sample < c.batch_size:
-    raise ConfigError(f'trace_sample must be in [0, batch_size), got {c.trace_sample}')
-  if c.max_residual < 0:
-    raise ConfigError(f'max_residual must be >= 0 (0 = automatic), got {c.max_residual}')
   if c.figures:
     try:
       import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
@@ -111,20 +103,20 @@ def check_config(config):
 def load_trained(workdir):
   """Parameters of a fmnist_mlp.py run's checkpoint (an .npz, never a pickle), checked to be
   the MLP's, with the training run's config."""
-  ckpt = fmnist_mlp.read_checkpoint(workdir)  # one-line ConfigError if damaged
+  path = os.path.join(workdir, harness.CHECKPOINT)
+  ckpt = harness.read_checkpoint(path)  # one-line ConfigError if damaged
   if ckpt is None:
-    raise ConfigError(f'no {fmnist_mlp.CHECKPOINT} in checkpoint_dir {workdir}')
+    raise ConfigError(f'no {harness.CHECKPOINT} in checkpoint_dir {workdir}')
   net = mlp_config.get_config()
   try:
     net.update({k: (tuple(v) if isinstance(v, list) else v)
                 for k, v in ckpt['config'].items() if k in net})
-    fmnist_mlp.resolve_config(net, jax.local_device_count())
+    fmnist_mlp.check_config(net, num_local_devices=1)
     params = fmnist_mlp.init_params(jax.random.PRNGKey(0), net)
     template = (params, fmnist_mlp.make_optimizer(net).init(params))
-    params = fmnist_mlp.restore_state(ckpt, template)[0]
+    params = harness.restore_checkpoint(ckpt, template)[0]
   except (ConfigError, TypeError, KeyError, ValueError) as e:
-    raise ConfigError(f'{workdir}/{fmnist_mlp.CHECKPOINT} does not hold fmnist_mlp.py MLP '
-                      f'parameters ({e})') from e
+    raise ConfigError(f'{path} does not hold fmnist_mlp.py MLP parameters ({e})') from e
   return {'params': params, 'epoch': ckpt['epoch'], 'hidden_sizes': tuple(net.hidden_sizes),
           'config': net, 'training_config': ckpt['config']}
 
@@ -280,9 +272,10 @@ def continuous_trajectory(net, params, x, labels, beta_abs, n_points, steps_per_
   common.continuous_time_estimate (beta(t) held `steps_per_point` steps at each of the N
   points |beta| e^{2 i pi k / N}, running averages from t = 0), recording after every
   step: Re s(t) of the traced units of sample `trace_sample`, the running estimates
-  s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units, and the medians over the samples where `keep` is true of the per-sample relative errors
-  ||s_bar - s*_0|| / ||s*_0||, ||e_bar - d_beta s*|| / ||d_beta s*|| and of the cosine
-  (e_bar, d_beta s*). `steps_per_point` counts make_step updates.
+  s_bar(t) (Eq. 9) and e_bar(t) (Eq. 8) of those units, and the medians over the samples
+  where `keep` is true of the per-sample relative errors ||s_bar - s*_0|| / ||s*_0||,
+  ||e_bar - d_beta s*|| / ||d_beta s*|| and of the cosine (e_bar, d_beta s*).
+  `steps_per_point` counts make_step updates.
 
   Returns (history dict of arrays over time, final s_bar, final e_bar).
   """
@@ -533,7 +526,7 @@ def plot_continuous(path, config, cont):
 def run(config, workdir):
   """The whole analysis; returns the summary written to fig2.json."""
   t0, c0 = time.time(), time.process_time()
-  commit = git_commit_id()  # the code this run starts with
+  commit = harness.git_commit(os.path.dirname(os.path.abspath(__file__)))  # the code run
   trained = check_config(config)  # one-line ConfigError before any compute
   jax.config.update('jax_enable_x64', bool(config.x64))
   dtype = jnp.float64 if config.x64 else jnp.float32
@@ -663,11 +656,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
   if not FLAGS.workdir:
-    sys.exit('fig2_bias.py: error: --workdir is required')
+    sys.exit(f'{SCRIPT}: error: --workdir is required')
   try:
     summary = run(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
-    sys.exit(f'fig2_bias.py: error: {e}')
+    sys.exit(f'{SCRIPT}: error: {e}')
   for name, entry in summary['sweep'].items():
     logging.info('%s: median whole-state cosine of the exact d_beta s* with delta: %.4f',
                  name, entry['exact']['median'][-1])
@@ -678,4 +671,4 @@ if __name__ == '__main__':
   # Defined here, not at import, as in fmnist_mlp.py: tests import this module next to it.
   config_flags.DEFINE_config_file('config', 'configs/fig2_bias.py', 'Analysis configuration.')
   flags.DEFINE_string('workdir', None, 'Where to write the numbers and the figures.')
-  app.run(main)
+  app.run(main, flags_parser=harness.parse_flags(SCRIPT))

@@ -152,6 +152,33 @@ def json_safe(value):
   return value
 
 
+def read_checkpoint(path):
+  """{'epoch', 'config', 'paths', 'leaves'} of the checkpoint file `path`, or None if there is
+  none (also for reading another script's checkpoint, as fig2_bias.py does)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      ckpt = json.loads(str(z['meta']))
+      ckpt['leaves'] = [z[f'leaf{i:05d}'] for i in range(len(ckpt['paths']))]
+    assert isinstance(ckpt['epoch'], int) and isinstance(ckpt['config'], dict)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'{path} is damaged or not a checkpoint of this script '
+                      f'({type(e).__name__}); move it away to start the run over') from e
+  return ckpt
+
+
+def restore_checkpoint(checkpoint, template):
+  """The arrays of a read_checkpoint in the pytree structure of `template`, checked leaf by
+  leaf."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+  leaves = checkpoint['leaves']
+  if [jax.tree_util.keystr(p) for p, _ in flat] != list(checkpoint['paths']) or any(
+      np.shape(a) != b.shape or np.result_type(a) != b.dtype for (_, a), b in zip(flat, leaves)):
+    raise ConfigError('the checkpoint does not hold the parameters of this network')
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 class Workdir:
   """A run's folder: config.json, metrics.jsonl (one strict-JSON row per epoch) and
   checkpoint.npz (the state of the last finished epoch, with the run config it was made with).
@@ -200,19 +227,7 @@ class Workdir:
     self.history = self._read_metrics(self.checkpoint['epoch'] if self.checkpoint else 0)
 
   def _read_checkpoint(self):
-    """{'epoch', 'config', 'paths', 'leaves'} of the checkpoint, or None if there is none."""
-    path = self._file(CHECKPOINT)
-    if not os.path.exists(path):
-      return None
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        ckpt = json.loads(str(z['meta']))
-        ckpt['leaves'] = [z[f'leaf{i:05d}'] for i in range(len(ckpt['paths']))]
-      assert isinstance(ckpt['epoch'], int) and isinstance(ckpt['config'], dict)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConfigError(f'{path} is damaged or not a checkpoint of this script '
-                        f'({type(e).__name__}); move it away to start the run over') from e
-    return ckpt
+    return read_checkpoint(self._file(CHECKPOINT))
 
   def _read_metrics(self, last_epoch):
     """Metrics rows of the epochs up to `last_epoch` (later ones were not checkpointed)."""
@@ -247,12 +262,7 @@ class Workdir:
     `template` (checked leaf by leaf), or `template` itself and 1 for a new run."""
     if self.checkpoint is None:
       return template, 1
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = self.checkpoint['leaves']
-    if [jax.tree_util.keystr(p) for p, _ in flat] != list(self.checkpoint['paths']) or any(
-        np.shape(a) != b.shape or np.result_type(a) != b.dtype for (_, a), b in zip(flat, leaves)):
-      raise ConfigError('the checkpoint does not hold the parameters of this network')
-    return jax.tree_util.tree_unflatten(treedef, leaves), self.checkpoint['epoch'] + 1
+    return restore_checkpoint(self.checkpoint, template), self.checkpoint['epoch'] + 1
 
   def write_metrics(self, rows):
     if self.writer:

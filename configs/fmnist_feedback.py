@@ -4,74 +4,22 @@
     python fmnist_feedback.py --config=configs/fmnist_feedback.py --workdir=runs/feedback_l0 \
         --config.homeo_coef=0
 
-See the README for the command behind every paper result.
+The fields of configs/fmnist_mlp.py (see there), with the same defaults but two, and without
+the backward weights' angle alpha. See the README for the command behind every paper result.
 """
-import ml_collections
+from configs import fmnist_mlp
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  # Data: 'auto' reads the four IDX .gz files from `data_dir`, else from the Debian package
-  # dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), else TFDS 'fashion_mnist'.
-  c.dataset = 'fashion_mnist'
-  c.data_source = 'auto'  # 'auto' | 'idx' | 'tfds'
-  c.data_dir = ''  # folder holding the IDX files ('' = the Debian folder)
-  c.tfds_data_dir = ''  # TFDS data_dir ('' = TFDS default)
-  c.train_size = 0  # use only the first n training images (0 = all 60000)
-  c.test_size = 0  # use only the first n test images (0 = all 10000)
-
+  c = fmnist_mlp.get_config()
   # Network (Fig. 4e): 784 -> hidden_sizes[0] -> ... -> 10, each with a bias, and the output
   # layer feeding straight back to the first hidden layer (no bias). No reciprocal
-  # connection exists, so no weight can be the transpose of another.
-  c.hidden_sizes = (256, 256)
-
-  # Dynamics: u <- G(sigma(u)) + beta dL/ds_out, free phase from zeros. T_free and T_nudge
-  # count SYNCHRONOUS steps, the paper's unit: with layer_updates='sequential' the run makes
-  # ceil(T / L) sequential steps for L layers (each updates every layer once), i.e. 50 and 7
-  # here with three layers.
-  c.t_free = 150
-  c.t_nudge = 20
-  c.tol = 0.0  # > 0: stop a relaxation early once every sample has ||F|| < tol
-  # 'sequential' updates layer 1, 2, ..., output in turn from the fresh values: the same
-  # fixed points and, in the free phase, exactly one of the three chains of the synchronous
-  # dynamics at a third of the cost. 'synchronous' updates every layer at once (App. D.2).
-  c.layer_updates = 'sequential'
-
-  # Gradient estimator: 'hep' (Cauchy, N points, |beta|; N=0 means exact, N=1 classic EP),
-  # 'hep_exact' (forward-mode d_beta s*, the paper's setting here), 'hep_continuous'
-  # (Eqs. 8-9, no free phase), 'rbp' (adjoint fixed point, Eq. 4), 'bptt' (autodiff through
-  # T_nudge steps).
-  c.algorithm = 'hep_exact'
-  c.n_points = 2  # used by 'hep' and 'hep_continuous'
-  c.beta = 0.05
-  c.continuous_steps_per_point = 60  # synchronous steps per beta value
-  c.continuous_periods = 5
-  # 'hold_end' (the authors' Table 1 runs): only the state at the end of each hold of beta
-  # enters the averages, in u; 'every_step': Eq. 8 literally, every step from t = 0.
-  c.continuous_average = 'hold_end'
-
-  # Jacobian homeostasis (Eq. 12): lambda (0.1 in Fig. 4e-h; 0 is the comparison run) and
-  # the number of Gaussian draws per sample.
-  c.homeo_coef = 0.1
-  c.homeo_draws = 5
-
-  # Optimisation (Table 3, Fig. 4e-h): SGD 1e-2, momentum 0.9, batch 50, 50 epochs.
-  c.optimizer = 'sgd'  # 'sgd' | 'adam'
-  c.learning_rate = 1e-2
-  c.momentum = 0.9
-  c.batch_size = 50
-  c.num_epochs = 50
-  c.num_devices = 0  # 0 = all local devices; the batch is split across them
-  c.eval_batch_size = 1000
-
-  # Diagnostics, once per epoch on one fixed batch of training images.
-  c.diag_batch_size = 50
-  c.diag_jacobian_samples = 10  # dense Jacobians for the symmetry measure
-  c.log_every_steps = 300  # progress line within an epoch (0 = none)
-  c.max_log10_residual = -2.0  # warn when log10 ||F|| after the free phase exceeds this
-  # Stop as diverged when an epoch's mean training loss exceeds this (chance: ln 10 = 2.3),
-  # as when the loss or the parameters become NaN; the last good checkpoint is kept.
-  c.max_train_loss = 10.0
+  # connection exists, so no weight can be the transpose of another: there is no angle.
+  del c['alpha']
+  # Dynamics: layer_updates='sequential' updates layer 1, 2, ..., output in turn from the
+  # fresh values: the same fixed points and, in the free phase, exactly one of the L chains
+  # of the synchronous dynamics (L layers) at 1 / L of the cost. T_free = 150 and
+  # T_nudge = 20 synchronous steps are then ceil(T / 3) = 50 and 7 sequential steps.
+  c.algorithm = 'hep_exact'  # forward-mode d_beta s*, the paper's setting here
+  c.homeo_coef = 0.1  # lambda: 0.1 in Fig. 4e-h; 0 is the comparison run
   return c

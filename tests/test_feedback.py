@@ -15,15 +15,18 @@ import pytest
 
 import common
 import reference as dense_ref
-import fmnist_feedback as m
+import fmnist_feedback
+import fmnist_mlp as mlp
 from configs import fmnist_feedback as feedback_config
 import scripts
 from scripts import TWO_DEVICES, SMALL, read_rows
 
+NET = fmnist_feedback.FEEDBACK  # fmnist_mlp's functions run on it where they take `net`
+
 
 def net_grads(*args):
   """The network gradient of the script (without its count of dropped samples)."""
-  return m.network_grads(*args)[0]
+  return mlp.network_grads(*args, net=NET)[0]
 
 BATCH = 4
 
@@ -51,7 +54,7 @@ def tiny_net(scale=0.6, seed=0, hidden=(6, 5), layer_updates='synchronous', t_fr
 
 
 def free_fixed_point(config, params, x):
-  u, res = m.free_relaxation(config, params, m.input_drive(params, x))
+  u, res = mlp.free_relaxation(config, params, mlp.input_drive(params, x), net=NET)
   assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
   return u
 
@@ -61,14 +64,14 @@ def dense(params, x, labels, u_free):
   """K = dG/ds, d = sigma'(u*), g = dL/ds of every sample, by dense autodiff (batched)."""
   def one(x_drive, u_i, label):
     u_i = tuple(a[None] for a in u_i)
-    s_i = m.activate(u_i)
-    k = common.flat_jacobian(lambda s: m.drives(params, s, x_drive[None]), s_i)
+    s_i = mlp.activate(u_i)
+    k = common.flat_jacobian(lambda s: mlp.drives(params, s, x_drive[None], net=NET), s_i)
     ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
-    d = dense_ref.flatten(jax.jvp(m.activate, (u_i,), (ones,))[1])
+    d = dense_ref.flatten(jax.jvp(mlp.activate, (u_i,), (ones,))[1])
     g = dense_ref.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
-                        m.loss_grad_s(params, s_i[-1], label[None])))
+                        mlp.loss_grad_s(params, s_i[-1], label[None])))
     return k, d, g
-  return jax.vmap(one)(m.input_drive(params, x), u_free, labels)
+  return jax.vmap(one)(mlp.input_drive(params, x), u_free, labels)
 
 
 def sample(tree, i):
@@ -94,7 +97,7 @@ def network_only(tree):
 
 def test_initialisation_and_the_connectivity_of_fig_4e():
   config = feedback_config.get_config()
-  params = jax.jit(lambda key: m.init_params(key, config))(jax.random.PRNGKey(0))
+  params = jax.jit(lambda key: fmnist_feedback.init_params(key, config))(jax.random.PRNGKey(0))
   shapes = jax.tree_util.tree_map(np.shape, params)
   assert shapes == {'forward': [{'w': (784, 256), 'b': (256,)}, {'w': (256, 256), 'b': (256,)},
                                 {'w': (256, 10), 'b': (10,)}],
@@ -129,10 +132,10 @@ def test_the_jacobian_has_no_reciprocal_entry_and_homeostasis_is_the_loop_weight
 
   @jax.jit
   def estimate(p):
-    noise = m.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
-    x_drive = m.input_drive(p, x)
-    return common.homeostatic_loss(lambda s: m.drives(p, s, x_drive), m.activate(u_free),
-                                   noise)
+    noise = mlp.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
+    x_drive = mlp.input_drive(p, x)
+    return common.homeostatic_loss(lambda s: mlp.drives(p, s, x_drive, net=NET),
+                                   mlp.activate(u_free), noise)
   assert float(estimate(params)) == pytest.approx(norm2 / n, rel=0.05)
 
 
@@ -143,15 +146,15 @@ def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly
   """k sweeps from zeros == the synchronous trajectory's layer l at time C (k - 1) + l."""
   config, params, x, _ = tiny_net(scale=2.0, hidden=hidden)  # slow: far from converged
   cycle = len(hidden) + 1
-  x_drive = m.input_drive(params, x)
-  sync = m.make_step(config, params, x_drive)
+  x_drive = mlp.input_drive(params, x)
+  sync = mlp.make_step(config, params, x_drive, net=NET)
   config.layer_updates = 'sequential'
-  seq = m.make_step(config, params, x_drive)
+  seq = mlp.make_step(config, params, x_drive, net=NET)
   sweeps = 6
-  trajectory = [m.zeros_state(config, BATCH)]
+  trajectory = [mlp.zeros_state(config, BATCH)]
   for _ in range(cycle * sweeps):
     trajectory.append(sync(trajectory[-1]))
-  u = m.zeros_state(config, BATCH)
+  u = mlp.zeros_state(config, BATCH)
   for k in range(1, sweeps + 1):
     u = seq(u)
     for l in range(cycle):
@@ -161,23 +164,24 @@ def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly
       # more than the tolerance above.
       assert np.abs(u[l] - trajectory[time - 1][l]).max() > 1e-6
   assert np.abs(trajectory[-1][0] - trajectory[-2][0]).max() > 1e-5  # not yet converged
-  assert m.steps_for(config, 150) == -(-150 // cycle)  # ceil(T / C): 50 for Fig. 4e
-  assert m.steps_for(config, 20) == -(-20 // cycle)
+  assert mlp.steps_for(config, 150, net=NET) == -(-150 // cycle)  # ceil(T / C): 50 for Fig. 4e
+  assert mlp.steps_for(config, 20, net=NET) == -(-20 // cycle)
   config.layer_updates = 'synchronous'
-  assert m.steps_for(config, 150) == 150
+  assert mlp.steps_for(config, 150, net=NET) == 150
 
 
 def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
   config, params, x, labels = tiny_net()
-  x_drive = m.input_drive(params, x)
+  x_drive = mlp.input_drive(params, x)
   states = {}
   for order in ('synchronous', 'sequential'):
     config.layer_updates = order
     u_free = free_fixed_point(config, params, x)
-    field = common.tree_sub(m.drives(params, m.activate(u_free), x_drive), u_free)
+    field = common.tree_sub(mlp.drives(params, mlp.activate(u_free), x_drive, net=NET), u_free)
     assert np.max(np.sqrt(common.per_sample_sq_norm(field))) < 1e-10
-    nudged = m.nudged_relaxation(config, params, x_drive, labels, u_free)(jnp.asarray(0.3))
-    states[order] = (dense_ref.flatten(m.activate(u_free)), dense_ref.flatten(nudged))
+    relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
+    nudged = relax(jnp.asarray(0.3))
+    states[order] = (dense_ref.flatten(mlp.activate(u_free)), dense_ref.flatten(nudged))
   for a, b in zip(states['synchronous'], states['sequential']):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   free, nudged = states['sequential']
@@ -190,7 +194,8 @@ def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
 def test_exact_dbeta_equals_the_dense_solve(layer_updates):
   config, params, x, labels = tiny_net(layer_updates=layer_updates)
   u_free = free_fixed_point(config, params, x)
-  relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
+  x_drive = mlp.input_drive(params, x)
+  relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
   exact = common.exact_dbeta(relax)
   for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
     reference = dense_ref.dbeta_s_dense(k, d, g)
@@ -203,19 +208,20 @@ def _unrolled_loss_grads(config, params, x, labels, steps):
   of the drives, no common.py): at convergence, the implicit-function gradient."""
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
-    step = lambda _, u: m.drives(p, m.activate(u), m.input_drive(p, x))
-    u = jax.lax.fori_loop(0, steps, step, m.zeros_state(config, BATCH))
-    return m.readout_loss(p, m.sigma(u[-1]), labels)[0]
+    step = lambda _, u: mlp.drives(p, mlp.activate(u), mlp.input_drive(p, x), net=NET)
+    u = jax.lax.fori_loop(0, steps, step, mlp.zeros_state(config, BATCH))
+    return mlp.readout_loss(p, mlp.sigma(u[-1]), labels)[0]
   return jax.jit(jax.grad(loss))(params)
 
 
 def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
   config, params, x, labels = tiny_net()
-  x_drive = m.input_drive(params, x)
+  x_drive = mlp.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
-  s_free = m.activate(u_free)
-  delta = m.rbp_error(config, params, x_drive, labels, u_free)
-  exact = common.exact_dbeta(m.nudged_relaxation(config, params, x_drive, labels, u_free))
+  s_free = mlp.activate(u_free)
+  delta = mlp.rbp_error(config, params, x_drive, labels, u_free, net=NET)
+  exact = common.exact_dbeta(
+      mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET))
   dense_delta = []
   for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
     dense_delta.append(dense_ref.rbp_delta_dense(k, d, g))
@@ -239,20 +245,20 @@ def test_every_algorithm_gives_its_reference_gradient():
   """compute_grads end to end (float64) for every estimator against its exact reference."""
   config, params, x, labels = tiny_net()
   u_free = free_fixed_point(config, params, x)
-  s_free = m.activate(u_free)
+  s_free = mlp.activate(u_free)
   vectors = dense(params, x, labels, u_free)
   true = net_grads(params, x, s_free, stack_layers(
       config, jax.vmap(dense_ref.rbp_delta_dense)(*vectors)))
   hep = net_grads(params, x, s_free, stack_layers(
       config, jax.vmap(dense_ref.dbeta_s_dense)(*vectors)))
-  readout = jax.grad(lambda p: m.readout_loss(p, s_free[-1], labels)[0])(params)['readout']
+  readout = jax.grad(lambda p: mlp.readout_loss(p, s_free[-1], labels)[0])(params)['readout']
 
   def grads(layer_updates='sequential', **overrides):
     c, _, _, _ = tiny_net(layer_updates=layer_updates)
     c.update(overrides)
     c.homeo_coef = 0.0
-    g, metrics = jax.jit(lambda p: m.compute_grads(c, p, x, labels, jax.random.PRNGKey(0),
-                                                   jnp.arange(BATCH)))(params)
+    g, metrics = jax.jit(lambda p: mlp.compute_grads(c, p, x, labels, jax.random.PRNGKey(0),
+                                                     jnp.arange(BATCH), net=NET))(params)
     assert np.isfinite(float(metrics['loss']))
     return g
 
@@ -289,20 +295,21 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
 
   @jax.jit
   def measure(p):
-    x_drive = m.input_drive(p, x)
-    u, _ = m.free_relaxation(config, p, x_drive)
-    exact = common.exact_dbeta(m.nudged_relaxation(config, p, x_drive, labels, u))
-    delta = m.rbp_error(config, p, x_drive, labels, u)
-    s0 = tuple(a[:1] for a in m.activate(u))
-    jac = common.flat_jacobian(lambda z: common.tree_sub(m.drives(p, z, x_drive[:1]), z), s0)
+    x_drive = mlp.input_drive(p, x)
+    u, _ = mlp.free_relaxation(config, p, x_drive, net=NET)
+    exact = common.exact_dbeta(mlp.nudged_relaxation(config, p, x_drive, labels, u, net=NET))
+    delta = mlp.rbp_error(config, p, x_drive, labels, u, net=NET)
+    s0 = tuple(a[:1] for a in mlp.activate(u))
+    field = lambda z: common.tree_sub(mlp.drives(p, z, x_drive[:1], net=NET), z)
+    jac = common.flat_jacobian(field, s0)
     return common.symmetry_measure(jac), jnp.mean(common.per_sample_cosine(exact, delta))
 
   @jax.jit
   def descend(p, t):
-    u, _ = m.free_relaxation(config, p, m.input_drive(p, x))
-    noise = m.homeostatic_noise(config, jax.random.fold_in(jax.random.PRNGKey(1), t),
-                                jnp.arange(BATCH))
-    _, g = m.homeostatic_grads(config, p, x, m.activate(u), noise)
+    u, _ = mlp.free_relaxation(config, p, mlp.input_drive(p, x), net=NET)
+    noise = mlp.homeostatic_noise(config, jax.random.fold_in(jax.random.PRNGKey(1), t),
+                                  jnp.arange(BATCH))
+    _, g = mlp.homeostatic_grads(config, p, x, mlp.activate(u), noise, net=NET)
     return jax.tree_util.tree_map(lambda a, b: a - 0.05 * b, p, g), g
 
   sym_before, cos_before = measure(params)
@@ -324,8 +331,8 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
 def test_bad_config_is_a_one_line_error(overrides, message):
   config = feedback_config.get_config()
   config.update(overrides)
-  with pytest.raises(m.ConfigError, match=message) as error:
-    m.resolve_config(config, num_local_devices=2)
+  with pytest.raises(fmnist_feedback.ConfigError, match=message) as error:
+    fmnist_feedback.check_config(config, num_local_devices=2)
   assert '\n' not in str(error.value)
 
 

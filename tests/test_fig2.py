@@ -18,11 +18,18 @@ import common
 import reference as dense_ref
 import fig2_bias
 import fmnist_mlp as m
+import harness
 from configs import fig2_bias as fig2_config
 from configs import fmnist_mlp as mlp_config
 from scripts import ROOT, write_fashion_mnist_lookalike
 from tiny import BATCH, dense, free_fixed_point, sample, tie, tiny_mlp
 
+
+def save_checkpoint(folder, config, epoch, state):
+  """A workdir with a checkpoint, as fmnist_mlp.py's training leaves it."""
+  run = harness.Workdir(folder, config, m.RESUMABLE_FIELDS)
+  run.start()
+  run.save(epoch, {'epoch': epoch}, state)
 
 
 def antisymmetrically_perturbed(params, eps, seed=7):
@@ -165,7 +172,7 @@ def test_continuous_trajectory_records_the_running_estimates_of_common():
 
 @pytest.mark.parametrize('overrides, message', [
     (dict(sweep_betas=(0.1, 0.0)), 'sweep_betas'),
-    (dict(sweep_n_points=(0, 2)), 'sweep_n_points must be >= 1'),
+    (dict(sweep_n_points=(0, 2)), 'sweep_n_points must be a tuple of >= 1 positive'),
     (dict(dist_depths=()), 'dist_depths'),
     (dict(dist_depth_panel_alpha=45.0), 'dist_depth_panel_alpha'),
     (dict(continuous_n_points=1), 'continuous_n_points must be >= 2'),
@@ -190,7 +197,7 @@ def test_a_checkpoint_of_another_network_is_a_one_line_error(tmp_path):
   params = m.init_params(jax.random.PRNGKey(0), net)
   state = (params, m.make_optimizer(net).init(params))
   net.hidden_sizes = (8, 8)  # the recorded config does not match the arrays
-  m.save_checkpoint(str(tmp_path), net, 1, jax.device_get(state))
+  save_checkpoint(str(tmp_path), net, 1, jax.device_get(state))
   config = fig2_config.get_config()
   config.checkpoint_dir = str(tmp_path)
   with pytest.raises(fig2_bias.ConfigError, match='does not hold fmnist_mlp.py MLP parameters'):
@@ -230,8 +237,8 @@ def test_smoke_run_writes_every_output(tmp_path):
   net = fig2_bias.network_config(fig2_config.get_config(), (8, 8), alpha=45.0)
   params = m.init_params(jax.random.PRNGKey(1), net)
   state = jax.device_get((params, m.make_optimizer(net).init(params)))
-  m.save_checkpoint(str(run_dir), net, 3,  # float32, as training runs write it
-                    jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), state))
+  save_checkpoint(str(run_dir), net, 3,  # float32, as training runs write it
+                  jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), state))
   workdir = tmp_path / 'out'
   args = [f'--workdir={workdir}', f'--config.data_dir={data}', '--config.batch_size=6',
           '--config.hidden_sizes=(8,8)', '--config.t_free=300', '--config.t_nudge=300',

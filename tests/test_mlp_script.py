@@ -55,11 +55,14 @@ def test_tfds_loading_code_runs_on_mock_data():
 # The table of bad config fields, shared by every script: tests/test_skeleton.py.
 
 
-def test_n_zero_means_the_exact_derivative():
+def test_n_zero_means_the_exact_derivative_and_the_check_changes_nothing():
   config = mlp_config.get_config()
   config.n_points = 0
-  fmnist_mlp.resolve_config(config, num_local_devices=1)
-  assert config.algorithm == 'hep_exact'
+  before = config.to_json()
+  fmnist_mlp.check_config(config, num_local_devices=1)
+  assert config.to_json() == before
+  assert fmnist_mlp.estimator(config) == 'hep_exact'
+  assert os.path.basename(fmnist_mlp.default_workdir(config)).startswith('hep_exact_homeo0_')
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
@@ -144,6 +147,7 @@ def test_two_devices_give_the_same_update_as_one(idx_dir):
   code = '''
 import jax, numpy as np
 import fmnist_mlp
+import harness
 from configs import fmnist_mlp as mlp_config
 assert jax.local_device_count() == 2
 results = []
@@ -151,10 +155,10 @@ for devices in (1, 2):
   config = mlp_config.get_config()
   config.update(dict(hidden_sizes=(32, 16), t_free=30, t_nudge=8, homeo_coef=1.0,
                      batch_size=8, num_devices=devices))
-  fmnist_mlp.resolve_config(config, 2)
+  fmnist_mlp.check_config(config, 2)
   params = fmnist_mlp.init_params(jax.random.PRNGKey(0), config)
   optimizer = fmnist_mlp.make_optimizer(config)
-  state = fmnist_mlp.replicate((params, optimizer.init(params)), devices)
+  state = harness.replicate((params, optimizer.init(params)), devices)
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (devices, 8 // devices, 784), dtype=np.uint8)
   y = rng.integers(0, 10, (devices, 8 // devices)).astype(np.int32)

@@ -1,7 +1,7 @@
 r"""How biased is classic EP's one-sided estimate at a large nudge, and does its sign matter?
 
     python tools/one_sided_bias.py                                  # at initialisation
-    python tools/one_sided_bias.py --checkpoint_dir=results_runs/table1/hep1_beta0.5
+    python tools/one_sided_bias.py --checkpoint_dir=runs/sweep/table1/hep1_beta0.5_seed0
 
 Table 1's N = 1 cell at |beta| = 0.5 is far worse than every other cell. This measures, on
 one batch of training images and at the given parameters (a fmnist_mlp.py checkpoint, or
@@ -48,7 +48,7 @@ def load_params(checkpoint_dir):
   """(config, params, epoch) of a checkpoint's run, or of the default config at init."""
   if not checkpoint_dir:
     config = mlp_config.get_config()
-    fmnist_mlp.resolve_config(config, 1)
+    fmnist_mlp.check_config(config, 1)
     return config, fmnist_mlp.init_params(jax.random.PRNGKey(config.seed), config), 0
   try:
     trained = fig2_bias.load_trained(checkpoint_dir)
