@@ -969,6 +969,8 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
         ' '.join(f'{c:.2f}' for c in row['diag/cosine_exact']),
         ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']), residual,
         row['images_per_s'], row['epoch_time_s'])
+    if 'params_sha1' in row:  # every process logs its own replica's digest
+      logging.info('epoch %d  params %s', epoch, row['params_sha1'])
   return workdir.history
 
 

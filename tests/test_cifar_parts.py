@@ -1,5 +1,7 @@
-"""cifar_conv.py's data pipeline (TFDS on mock data, Fashion-MNIST-32, augmentation, prefetch)
-and optimizer (per-layer learning rates, coupled weight decay, cosine schedule)."""
+"""cifar_conv.py's data pipeline (TFDS on mock data, Fashion-MNIST-32, augmentation, the
+batches of an epoch) and optimizer (per-layer learning rates, coupled weight decay, cosine
+schedule); and the input machinery of harness.py it runs on (prefetch, read_batches, the TFDS
+preparation checks, url_reachable)."""
 import gzip
 import http.server
 import os
@@ -16,6 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cifar_conv as cp
+import harness
 from configs import cifar10 as cifar10_config
 from scripts import write_idx
 
@@ -42,7 +45,7 @@ def opt_config(**overrides):
 @pytest.fixture
 def mock_tfds(monkeypatch):
   """TFDS with random data; the preparation checks pass (mock_data fakes the preparation)."""
-  monkeypatch.setattr(cp, 'preparation_problem', lambda name, data_dir: None)
+  monkeypatch.setattr(harness, 'preparation_problem', lambda name, data_dir, url: None)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     yield
 
@@ -50,19 +53,24 @@ def mock_tfds(monkeypatch):
 @pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
 def test_tfds_load_shapes(mock_tfds, dataset):
   data = cp.load_data(data_config(dataset=dataset))
-  for split in ('train', 'test'):
-    x, y = data[split]
+  for split in (data.train, data.test):
+    x, y = split.images, split.labels
+    assert len(split) == 24
     assert x.shape == (24, 32, 32, 3) and x.dtype == np.uint8
     assert y.shape == (24,) and y.dtype == np.int32
     assert 0 <= y.min() and y.max() < cp.DATASETS[dataset]['num_classes']
+    bx, by = split.read(np.array([5, 0, 5]))  # gathers rows, in the order asked
+    np.testing.assert_array_equal(bx, x[[5, 0, 5]])
+    np.testing.assert_array_equal(by, y[[5, 0, 5]])
   assert cp.DATASETS[dataset]['num_classes'] == {'cifar10': 10, 'cifar100': 100}[dataset]
+  assert (data.mean, data.std) == (cp.DATASETS[dataset]['mean'], cp.DATASETS[dataset]['std'])
 
 
 def test_subset_sizes(mock_tfds):
   data = cp.load_data(data_config(train_size=10, test_size=5))
-  assert len(data['train'][0]) == len(data['train'][1]) == 10
-  assert len(data['test'][0]) == 5
-  with pytest.raises(cp.ConfigError, match='train_size=30 but only 24'):
+  assert len(data.train) == len(data.train.images) == len(data.train.labels) == 10
+  assert len(data.test) == len(data.test.images) == 5
+  with pytest.raises(harness.ConfigError, match='train_size=30 but only 24'):
     cp.load_data(data_config(train_size=30))  # allowed for CIFAR, more than the mock has
 
 
@@ -74,14 +82,14 @@ def test_subset_sizes(mock_tfds):
     (dict(dataset='imagenet'), "unknown dataset 'imagenet'.*cifar10, cifar100, fashion_mnist"),
 ])
 def test_bad_data_config(overrides, match):
-  with pytest.raises(cp.ConfigError, match=match):  # checked before anything is loaded
-    cp.resolve_config(data_config(**overrides), num_local_devices=1)
+  with pytest.raises(harness.ConfigError, match=match):  # checked before anything is loaded
+    cp.check_config(data_config(**overrides), num_local_devices=1)
 
 
 def test_fail_fast_without_tensorflow(tmp_path):
   """No mock: nothing prepared in the folder, and no TensorFlow here (or no internet)."""
   start = time.time()
-  with pytest.raises(cp.ConfigError, match='cifar10 is not prepared in') as e:
+  with pytest.raises(harness.ConfigError, match='cifar10 is not prepared in') as e:
     cp.load_data(data_config(tfds_data_dir=str(tmp_path / 'none')))
   assert time.time() - start < 10
   assert 'tfds_data_dir' in str(e.value) and '\n' not in str(e.value)
@@ -99,20 +107,20 @@ def silent_server():
 
 def test_fail_fast_without_internet(tmp_path, monkeypatch, silent_server):
   """With TensorFlow present, an unreachable download host fails within the timeout."""
-  monkeypatch.setattr(cp, '_tensorflow_installed', lambda: True)
-  monkeypatch.setitem(cp.TFDS_URLS, 'cifar100', silent_server)
+  monkeypatch.setattr(harness, 'tensorflow_installed', lambda: True)
+  monkeypatch.setitem(cp.DATASETS['cifar100'], 'url', silent_server)
   start = time.time()
-  with pytest.raises(cp.ConfigError, match='cannot be reached') as e:
+  with pytest.raises(harness.ConfigError, match='cannot be reached') as e:
     cp.load_data(data_config(dataset='cifar100', tfds_data_dir=str(tmp_path / 'none')))
   assert time.time() - start < 10
-  assert '\n' not in str(e.value)
+  assert silent_server in str(e.value) and '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'none' / 'cifar100')
 
 
 def test_url_reachable(silent_server):
   start = time.time()
-  assert not cp.url_reachable(silent_server, timeout_s=1.0)  # times out
-  assert not cp.url_reachable('http://no-such-host.invalid/x', timeout_s=1.0)
+  assert not harness.url_reachable(silent_server, timeout_s=1.0)  # times out
+  assert not harness.url_reachable('http://no-such-host.invalid/x', timeout_s=1.0)
   assert time.time() - start < 4
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -128,10 +136,32 @@ def test_url_reachable(silent_server):
   threading.Thread(target=server.serve_forever, daemon=True).start()
   try:
     url = f'http://127.0.0.1:{server.server_address[1]}'
-    assert cp.url_reachable(url + '/ok', timeout_s=2.0)
-    assert not cp.url_reachable(url + '/missing', timeout_s=2.0)
+    assert harness.url_reachable(url + '/ok', timeout_s=2.0)
+    assert not harness.url_reachable(url + '/missing', timeout_s=2.0)
   finally:
     server.shutdown()
+
+
+def test_preparation_problem_without_tensorflow_or_internet(monkeypatch, silent_server):
+  """harness.preparation_problem: one line each, in seconds, naming the data set, its folder
+  and the way out; None when TensorFlow is there and the download reachable."""
+  monkeypatch.setattr(harness, 'tensorflow_installed', lambda: False)
+  monkeypatch.setattr(harness, 'url_reachable',
+                      lambda *a, **k: pytest.fail('no download check without TensorFlow'))
+  problem = harness.preparation_problem('cifar10', '/data/x', silent_server)
+  assert problem.startswith('cifar10 is not prepared in /data/x; preparing it needs TensorFlow')
+  assert 'tfds_data_dir' in problem and '\n' not in problem
+  monkeypatch.undo()
+
+  monkeypatch.setattr(harness, 'tensorflow_installed', lambda: True)
+  start = time.time()
+  problem = harness.preparation_problem('cifar100', '/data/y', silent_server)
+  assert time.time() - start < 10
+  assert problem.startswith('cifar100 is not prepared in /data/y and ')
+  assert f'{silent_server} cannot be reached' in problem
+  assert 'tfds_data_dir' in problem and '\n' not in problem
+  monkeypatch.setattr(harness, 'url_reachable', lambda url: url == 'http://ok')
+  assert harness.preparation_problem('cifar100', '/data/y', 'http://ok') is None
 
 
 @pytest.fixture
@@ -145,10 +175,12 @@ def fmnist_dir(tmp_path):
 
 def test_fashion_mnist_32(fmnist_dir):
   data = cp.load_data(data_config(dataset='fashion_mnist', data_dir=str(fmnist_dir)))
-  raw = cp.read_idx(fmnist_dir / 'train-images-idx3-ubyte.gz')
-  x, y = data['train']
+  raw = harness.read_idx(fmnist_dir / 'train-images-idx3-ubyte.gz')
+  x, y = data.train.images, data.train.labels
   assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int32
-  assert data['test'][0].shape == (7, 32, 32, 3)
+  assert data.test.images.shape == (7, 32, 32, 3) and len(data.test) == 7
+  assert (data.mean, data.std) == (cp.DATASETS['fashion_mnist']['mean'],
+                                   cp.DATASETS['fashion_mnist']['std'])
   np.testing.assert_array_equal(x[:, 2:30, 2:30, 1], raw)
   assert (x[..., 0] == x[..., 2]).all() and (x[..., 0] == x[..., 1]).all()
   border = np.ones((32, 32), bool)
@@ -156,8 +188,8 @@ def test_fashion_mnist_32(fmnist_dir):
   assert (x[:, border] == 0).all()
   data = cp.load_data(data_config(dataset='fashion_mnist', data_dir=str(fmnist_dir),
                                   train_size=5))
-  assert len(data['train'][0]) == 5
-  with pytest.raises(cp.ConfigError, match='only 12 train images'):
+  assert len(data.train) == len(data.train.images) == 5
+  with pytest.raises(harness.ConfigError, match='only 12 train images'):
     cp.load_data(data_config(dataset='fashion_mnist', data_dir=str(fmnist_dir),
                              train_size=13))
 
@@ -193,13 +225,14 @@ def corrupt_header(path):
                                      corrupt_short_payload, corrupt_header])
 def test_fashion_mnist_corrupt(fmnist_dir, corrupt):
   corrupt(fmnist_dir / 'train-images-idx3-ubyte.gz')
-  with pytest.raises(cp.ConfigError, match='train-images-idx3-ubyte.gz') as e:
+  with pytest.raises(harness.ConfigError, match='train-images-idx3-ubyte.gz is damaged or not '
+                     'a gzipped uint8 IDX file') as e:
     cp.load_data(data_config(dataset='fashion_mnist', data_dir=str(fmnist_dir)))
   assert '\n' not in str(e.value)
 
 
 def test_fashion_mnist_missing(tmp_path):
-  with pytest.raises(cp.ConfigError, match='IDX files missing'):
+  with pytest.raises(harness.ConfigError, match='IDX files missing'):
     cp.load_data(data_config(dataset='fashion_mnist', data_dir=str(tmp_path)))
 
 
@@ -266,8 +299,8 @@ def test_augment_float_and_normalize():
   as_float = augment(key, images.astype(np.float32), ids)
   assert as_float.dtype == jnp.float32
   np.testing.assert_array_equal(as_float, np.asarray(augment(key, images, ids), np.float32))
-  for dataset, info in cp.DATASETS.items():
-    x = jax.jit(cp.normalize, static_argnums=1)(images, dataset)
+  for info in cp.DATASETS.values():
+    x = jax.jit(lambda im, info=info: cp.normalize(im, info['mean'], info['std']))(images)
     assert x.dtype == jnp.float32
     expected = (images / 255.0 - np.asarray(info['mean'])) / np.asarray(info['std'])
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
@@ -280,17 +313,21 @@ def test_augment_float_and_normalize():
 # ======================================================================================
 
 def test_epoch_batches():
+  """An epoch of a MemorySplit as the train loop reads it (one process)."""
   x = np.arange(103 * 4, dtype=np.uint8).reshape(103, 2, 2, 1)
   y = np.arange(103, dtype=np.int32)
-  batches = list(cp.epoch_batches((x, y), 10, seed=0, epoch=1))
+  split = cp.MemorySplit(x, y)
+  epoch = lambda e, threads=1: list(harness.read_batches(
+      split, harness.process_batch_indices(len(split), 10, seed=0, epoch=e), threads))
+  batches = epoch(1)
   assert len(batches) == 10  # the last 3 images are dropped
   seen = np.concatenate([b[1] for b in batches])
   assert len(set(seen.tolist())) == 100
   for bx, by in batches:
     assert bx.dtype == np.uint8 and by.dtype == np.int32
     np.testing.assert_array_equal(bx, x[by])
-  again = np.concatenate([b[1] for b in cp.epoch_batches((x, y), 10, seed=0, epoch=1)])
-  other = np.concatenate([b[1] for b in cp.epoch_batches((x, y), 10, seed=0, epoch=2)])
+  again = np.concatenate([b[1] for b in epoch(1, threads=3)])
+  other = np.concatenate([b[1] for b in epoch(2)])
   np.testing.assert_array_equal(seen, again)
   assert not np.array_equal(seen, other)
   np.testing.assert_array_equal(
@@ -299,16 +336,16 @@ def test_epoch_batches():
 
 def test_prefetch():
   items = [np.full(3, i) for i in range(7)]
-  out = list(cp.prefetch(iter(items), put=lambda a: a + 100, size=2))
+  out = list(harness.prefetch(iter(items), put=lambda a: a + 100, size=2))
   np.testing.assert_array_equal(out, [a + 100 for a in items])
-  on_device = list(cp.prefetch(iter(items)))
+  on_device = list(harness.prefetch(iter(items)))
   assert all(isinstance(a, jax.Array) for a in on_device)
 
   def failing():
     yield 1
     raise RuntimeError('broken source')
   with pytest.raises(RuntimeError, match='broken source'):
-    list(cp.prefetch(failing(), put=lambda a: a))
+    list(harness.prefetch(failing(), put=lambda a: a))
 
   produced = []
 
@@ -318,7 +355,7 @@ def test_prefetch():
       produced.append(i)
       yield i
       i += 1
-  gen = cp.prefetch(endless(), put=lambda a: a, size=2)
+  gen = harness.prefetch(endless(), put=lambda a: a, size=2)
   assert [next(gen) for _ in range(3)] == [0, 1, 2]
   gen.close()  # stops and joins the thread
   count = len(produced)
@@ -326,19 +363,39 @@ def test_prefetch():
   assert len(produced) == count <= 3 + 2 + 1
 
 
+class SlowSplit:
+  """read(indices) that takes longer for earlier batches: threads finish out of order."""
+
+  def __len__(self):
+    return 100
+
+  def read(self, indices):
+    time.sleep(0.02 * (5 - min(int(indices[0]) // 10, 5)))
+    return indices * 2, indices
+
+
+def test_read_batches_keeps_the_order_on_several_threads():
+  batches = [np.arange(10 * i, 10 * i + 10) for i in range(8)]
+  for threads in (1, 3):
+    out = list(harness.read_batches(SlowSplit(), batches, threads))
+    assert len(out) == 8
+    for (x, y), idx in zip(out, batches):
+      np.testing.assert_array_equal(y, idx)
+      np.testing.assert_array_equal(x, 2 * idx)
+
+
 # ======================================================================================
 # Optimizer
 # ======================================================================================
 
 def tiny_params(num_layers, tied=False, dtype=np.float64):
-  """The parameter tree of the network with L layers, every leaf a different constant."""
+  """The parameter tree of the network with L layers, every leaf a different constant
+  (tied: no backward kernels, an empty 'backward' list as init_params makes it)."""
   counter = iter(range(1, 100))
   leaf = lambda shape: np.full(shape, 0.1 * next(counter), dtype)
   params = {'forward': [{'w': leaf((3, 2)), 'b': leaf(2)} for _ in range(num_layers)],
-            'readout': {'w': leaf((2, 4)), 'b': leaf(4)}}
-  if tied is None:
-    params['backward'] = []
-  elif not tied:
+            'readout': {'w': leaf((2, 4)), 'b': leaf(4)}, 'backward': []}
+  if not tied:
     params['backward'] = [{'w': leaf((2, 3))} for _ in range(num_layers - 1)]
   return params
 
@@ -356,7 +413,7 @@ def expected_factors(params, lr_factors):
 
 CASES = [(4, False, (25.0, 15.0, 10.0, 8.0, 5.0)), (3, False, (25.0, 15.0, 10.0, 5.0)),
          (2, False, (3.0, 2.0, 0.5)), (3, True, (25.0, 15.0, 10.0, 5.0)),
-         (2, None, (3.0, 2.0, 0.5))]
+         (2, True, (3.0, 2.0, 0.5))]
 
 
 @pytest.mark.parametrize('num_layers, tied, lr_factors', CASES)
@@ -393,6 +450,14 @@ def test_layer_groups_and_factors(num_layers, tied, lr_factors):
       unit, factors)
 
 
+def test_layer_groups_refuse_unknown_trees():
+  params = tiny_params(3)
+  with pytest.raises(ValueError, match='3 backward entries for 3 forward layers'):
+    cp.layer_groups({**params, 'backward': params['backward'] + params['backward'][:1]})
+  with pytest.raises(ValueError, match=r"outside the known groups: \['extra'\]"):
+    cp.layer_groups({**params, 'extra': {'w': np.zeros(2)}})
+
+
 @pytest.mark.parametrize('overrides, match', [
     (dict(channels=(8, 8, 8)), 'lr_factors needs 4 entries .in-1, each pair of layers, '
      'readout. for 3 layers'),
@@ -404,8 +469,8 @@ def test_layer_groups_and_factors(num_layers, tied, lr_factors):
     (dict(readout_wd_factor=float('nan')), 'readout_wd_factor must be finite'),
 ])
 def test_bad_optimizer_config(overrides, match):
-  with pytest.raises(cp.ConfigError, match=match):
-    cp.resolve_config(data_config(**overrides), num_local_devices=1)
+  with pytest.raises(harness.ConfigError, match=match):
+    cp.check_config(data_config(**overrides), num_local_devices=1)
 
 
 def cosine(lr, step, total):

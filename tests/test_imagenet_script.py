@@ -1,8 +1,9 @@
-"""imagenet32_conv.py: process shards, config checks, and end to end on TFDS mock data in
-one process and in two processes on localhost (CPU collectives), with a process killed.
+"""imagenet32_conv.py: process shards and process fields (harness.py), config checks, and
+end to end on TFDS mock data in one process and in two processes on localhost (CPU
+collectives), with a process killed.
 
-ImageNet cannot be downloaded here; tests/imagenet_run.py runs the script's own main() and
-flags inside tfds.testing.mock_data (fake examples, deterministic per index).
+ImageNet cannot be downloaded here; tests/imagenet_run.py runs the script's own command line
+(harness.run_main) inside tfds.testing.mock_data (fake examples, deterministic per index).
 """
 import os
 import signal
@@ -14,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+import cifar_conv
+import harness
 import imagenet32_conv
 from configs import imagenet32 as imagenet32_config
 from scripts import TEST_XLA_FLAGS, TWO_DEVICES, ROOT, read_rows
@@ -25,9 +28,9 @@ from scripts import TEST_XLA_FLAGS, TWO_DEVICES, ROOT, read_rows
                                                                   (64, 16, 4)])
 def test_process_shards_of_an_epoch_are_disjoint_and_form_the_global_batches(
     num_examples, batch_size, processes):
-  shares = [imagenet32_conv.process_batch_indices(num_examples, batch_size, 7, 3, p, processes)
+  shares = [harness.process_batch_indices(num_examples, batch_size, 7, 3, p, processes)
             for p in range(processes)]
-  one = imagenet32_conv.process_batch_indices(num_examples, batch_size, 7, 3, 0, 1)
+  one = harness.process_batch_indices(num_examples, batch_size, 7, 3, 0, 1)
   steps = num_examples // batch_size
   for share in shares:
     assert share.shape == (steps, batch_size // processes)
@@ -36,7 +39,7 @@ def test_process_shards_of_an_epoch_are_disjoint_and_form_the_global_batches(
   everything = np.concatenate([s.ravel() for s in shares])
   assert len(set(everything)) == len(everything) == steps * batch_size  # disjoint
   assert set(everything) <= set(range(num_examples))
-  other_epoch = imagenet32_conv.process_batch_indices(num_examples, batch_size, 7, 4, 0, 1)
+  other_epoch = harness.process_batch_indices(num_examples, batch_size, 7, 4, 0, 1)
   assert not np.array_equal(other_epoch, one)  # reshuffled every epoch
 
 
@@ -44,7 +47,7 @@ def test_process_shards_of_an_epoch_are_disjoint_and_form_the_global_batches(
                                                                   (7, 8, 4)])
 def test_process_eval_blocks_cover_the_split_once_in_equal_numbers_of_calls(
     num_examples, batch_size, processes):
-  calls = [imagenet32_conv.process_eval_indices(num_examples, batch_size, p, processes)
+  calls = [harness.process_eval_indices(num_examples, batch_size, p, processes)
            for p in range(processes)]
   assert len({len(c) for c in calls}) == 1  # collectives: every process calls alike
   seen = np.concatenate([idx[mask > 0] for c in calls for idx, mask in c])
@@ -66,8 +69,9 @@ def test_process_eval_blocks_cover_the_split_once_in_equal_numbers_of_calls(
 def test_bad_config_is_a_one_line_error(overrides, message):
   config = imagenet32_config.get_config()
   config.update(overrides)
-  with pytest.raises(imagenet32_conv.ConfigError, match=message) as error:
-    imagenet32_conv.resolve_config(config, num_local_devices=2, num_processes=2)
+  with pytest.raises(harness.ConfigError, match=message) as error:
+    cifar_conv.check_config(config, num_local_devices=2, num_processes=2,
+                            datasets=imagenet32_conv.DATASETS)
   assert '\n' not in str(error.value)
 
 
@@ -80,25 +84,43 @@ def test_bad_config_is_a_one_line_error(overrides, message):
     (dict(process_timeout_s=0), 'process_timeout_s must be >= 1'),
 ])
 def test_bad_process_fields_are_refused_before_joining(overrides, message, monkeypatch):
-  monkeypatch.setattr(imagenet32_conv.jax.distributed, 'initialize',
+  monkeypatch.setattr(harness.jax.distributed, 'initialize',
                       lambda *a, **k: pytest.fail('initialize must not be reached'))
   config = imagenet32_config.get_config()
   config.update(overrides)
-  with pytest.raises(imagenet32_conv.ConfigError, match=message):
-    imagenet32_conv.start_processes(config)
+  with pytest.raises(harness.ConfigError, match=message) as error:
+    harness.start_processes(config)
+  assert '\n' not in str(error.value)
 
 
 def test_one_process_needs_no_flags_and_slurm_is_detected(monkeypatch):
   for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
     monkeypatch.delenv(name, raising=False)
-  assert imagenet32_conv.start_processes(imagenet32_config.get_config()) == (0, 1)
+  assert harness.start_processes(imagenet32_config.get_config()) == (0, 1)
   monkeypatch.setenv('SLURM_NTASKS', '1')
-  assert not imagenet32_conv.cluster_detected()
+  assert not harness.cluster_detected()
   monkeypatch.setenv('SLURM_NTASKS', '8')
-  assert imagenet32_conv.cluster_detected()
+  assert harness.cluster_detected()
+  monkeypatch.delenv('SLURM_NTASKS')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')
+  assert harness.cluster_detected()
   config = imagenet32_config.get_config()
-  assert imagenet32_conv.resolve_config(config, 1, 1) == 1
+  assert cifar_conv.check_config(config, 1, 1, imagenet32_conv.DATASETS) == 1
   assert (config.homeo_coef, config.learning_rate, config.num_epochs) == (10.0, 5e-3, 90)
+
+
+def test_the_imagenet_config_is_the_cifar10_one_but_for_the_data_set():
+  """configs/imagenet32.py derives from configs/cifar10.py: these fields alone differ, and
+  it has no data_dir (no IDX files)."""
+  from configs import cifar10 as cifar10_config  # pylint: disable=g-import-not-at-top
+  ten, inet = cifar10_config.get_config(), imagenet32_config.get_config()
+  assert set(ten) - set(inet) == {'data_dir'} and set(inet) <= set(ten)
+  differ = sorted(k for k in inet if inet[k] != ten[k])
+  assert differ == ['data_threads', 'dataset', 'homeo_coef', 'learning_rate',
+                    'log_every_steps', 'max_train_loss', 'num_classes', 'num_epochs']
+  # Passing cifar_conv's own data sets: imagenet32 is not one of them.
+  with pytest.raises(harness.ConfigError, match="unknown dataset 'imagenet32'"):
+    cifar_conv.check_config(inet, 1)
 
 
 def test_the_user_command_fails_fast_without_the_data(tmp_path):
@@ -131,11 +153,12 @@ def finish(proc, timeout=400):
 
 
 def digests(log):
-  """{epoch: params digest} from the epoch lines of a log."""
+  """{epoch: params digest} from the PARAMS lines of a log (tests/imagenet_run.py)."""
   out = {}
   for line in log.splitlines():
-    if '  params ' in line and '  train loss ' in line:
-      out[int(line.split(' epoch ')[1].split()[0])] = line.split('  params ')[1].split()[0]
+    if line.startswith('PARAMS '):
+      _, epoch, digest = line.split()
+      out[int(epoch)] = digest
   return out
 
 
@@ -159,7 +182,7 @@ def test_two_processes_train_as_one_write_once_survive_a_kill_and_resume(tmp_pat
   assert os.path.exists(os.path.join(one, 'checkpoint.npz'))
   reference = digests(err)
   assert sorted(reference) == [1, 2] and reference[1] != reference[2]
-  assert [r['params_sha1'] for r in rows] == [reference[1], reference[2]]
+  assert not any('params_sha1' in r for r in rows)  # one process: nothing to compare
 
   # Two processes, one device each, the same global batches. Process 1 gets a workdir of
   # its own that must never appear: only process 0 writes.
@@ -180,7 +203,8 @@ def test_two_processes_train_as_one_write_once_survive_a_kill_and_resume(tmp_pat
   procs[1].send_signal(signal.SIGKILL)  # a machine dies after the epoch-1 checkpoint
   t_kill = time.time()
   code, err0 = finish(procs[0], timeout=120)  # must not hang
-  finish(procs[1])
+  _, err1 = finish(procs[1])
+  assert digests(err1).get(1, reference[1]) == reference[1]  # if it got that far
   assert code != 0 and time.time() - t_kill < 90, err0[-3000:]
   assert ('imagenet32_conv.py: error: process 0 of 2 stopped' in err0 or
           'distributed service detected fatal errors' in err0), err0[-3000:]
@@ -195,7 +219,10 @@ def test_two_processes_train_as_one_write_once_survive_a_kill_and_resume(tmp_pat
   for err in (err0, err1):
     assert 'resuming from' in err and 'epoch 1  step' not in err
     assert digests(err) == {2: reference[2]}  # identical in both, and = one process
-  assert [r['epoch'] for r in read_rows(shared)] == [1, 2]
+  rows = read_rows(shared)
+  assert [r['epoch'] for r in rows] == [1, 2]
+  # Process 0's rows carry its digest: that of one process.
+  assert [r['params_sha1'] for r in rows] == [reference[1], reference[2]]
   assert not os.path.exists(elsewhere)
   with np.load(os.path.join(one, 'checkpoint.npz')) as a, np.load(ckpt) as b:
     assert sorted(a.files) == sorted(b.files)

@@ -84,11 +84,12 @@ def worker(spec):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import fmnist_mlp as mlp_config  # pylint: disable=g-import-not-at-top
   import fmnist_mlp  # pylint: disable=g-import-not-at-top
+  import harness  # pylint: disable=g-import-not-at-top
 
   config = mlp_config.get_config()
   config.update(spec['overrides'])
   config.num_devices = spec['devices']
-  num_devices = fmnist_mlp.resolve_config(config, jax.local_device_count())
+  num_devices = fmnist_mlp.check_config(config, jax.local_device_count())
 
   if spec.get('train_run'):
     config.train_size, config.num_epochs, config.log_every_steps = spec['train_run'], 1, 0
@@ -112,7 +113,7 @@ def worker(spec):
   flops = dot_flops(jax.make_jaxpr(per_device)(params, images, labels).jaxpr)
 
   train_step = fmnist_mlp.make_train_step(config, optimizer)
-  params, opt_state = fmnist_mlp.replicate((params, opt_state), num_devices)
+  params, opt_state = harness.replicate((params, opt_state), num_devices)
   shard = lambda a: a.reshape(num_devices, -1, *a.shape[1:])
   xs, ys = jax.device_put(shard(images)), jax.device_put(shard(labels))
 

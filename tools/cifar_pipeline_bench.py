@@ -4,7 +4,8 @@ r"""Throughput of the CIFAR input pipeline alone (no network), in images per sec
     python tools/cifar_pipeline_bench.py --data=random        # random uint8 images
 
 Stages, each over one epoch of `num_images` at `batch_size` (drop_remainder):
-  host       epoch_batches: shuffled gather of uint8 rows from the in-memory array
+  host       harness.read_batches of harness.process_batch_indices: shuffled gather of
+             uint8 rows from the in-memory split (cifar_conv.MemorySplit), as the train loop
   prefetch   host + prefetch(jax.device_put) in a background thread
   pipeline   prefetch + the jitted on-device augment + normalize, waited for every batch
   device     the jitted augment + normalize alone, on a batch already on the device
@@ -23,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar_conv as pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('data', 'fashion_mnist', ['fashion_mnist', 'random'],
@@ -61,29 +63,33 @@ def main(argv):
         f'batch {batch}, {steps} steps; backend {jax.default_backend()}, '
         f'{os.cpu_count()} CPUs', flush=True)
   key = jax.random.PRNGKey(0)
+  info = pipeline.DATASETS[dataset]
+  split = pipeline.MemorySplit(*data)
+
+  def epoch_batches(epoch):
+    return harness.read_batches(
+        split, harness.process_batch_indices(len(split), batch, seed=0, epoch=epoch))
 
   @jax.jit
   def prepare(images, step):
     ids = step * batch + jnp.arange(images.shape[0])
-    return pipeline.normalize(pipeline.augment(key, images, ids), dataset)
+    return pipeline.normalize(pipeline.augment(key, images, ids), info['mean'], info['std'])
 
   t = time.time()
-  for _ in pipeline.epoch_batches(data, batch, seed=0, epoch=1):
+  for _ in epoch_batches(1):
     pass
   report('host', num, time.time() - t)
 
   t = time.time()
-  for _ in pipeline.prefetch(pipeline.epoch_batches(data, batch, seed=0, epoch=2),
-                             put=jax.device_put, size=FLAGS.prefetch):
+  for _ in harness.prefetch(epoch_batches(2), put=jax.device_put, size=FLAGS.prefetch):
     pass
   report('prefetch', num, time.time() - t)
 
   images = jax.device_put(data[0][:batch])
   prepare(images, 0).block_until_ready()  # compile
   t = time.time()
-  for step, (x, _) in enumerate(pipeline.prefetch(
-      pipeline.epoch_batches(data, batch, seed=0, epoch=3), put=jax.device_put,
-      size=FLAGS.prefetch)):
+  for step, (x, _) in enumerate(harness.prefetch(epoch_batches(3), put=jax.device_put,
+                                                 size=FLAGS.prefetch)):
     prepare(x, step).block_until_ready()
   report('pipeline', num, time.time() - t)
 

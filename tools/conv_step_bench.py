@@ -4,7 +4,8 @@ r"""Speed of one train step of the convnet scripts (cifar_conv.py, imagenet32_co
         --t_free=60 --t_nudge=15 --batch_size=32
     python tools/conv_step_bench.py --script=cifar_conv --algorithm=hep --n_points=2
 
-Builds the script's own train step (make_train_step: augment, normalize, free phase,
+Builds the scripts' train step (cifar_conv.make_train_step, which imagenet32_conv.py runs
+too, with the script's config and data set constants: augment, normalize, free phase,
 estimator, homeostasis, optimizer, pmean over the local devices) on random uint8 images and
 prints the compile time, the median step time, images/s and the process's peak memory;
 then the free relaxation alone (free_relaxation, jitted): ms per synchronous step, and its
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cifar_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('script', 'cifar_conv', ['cifar_conv', 'imagenet32_conv'], 'Which script.')
@@ -39,7 +42,7 @@ flags.DEFINE_integer('steps', 5, 'Timed steps.')
 
 def main(argv):
   del argv
-  script = importlib.import_module(FLAGS.script)
+  datasets = importlib.import_module(FLAGS.script).DATASETS  # the network is cifar_conv's
   name = {'cifar_conv': 'cifar10', 'imagenet32_conv': 'imagenet32'}[FLAGS.script]
   config = importlib.import_module(f'configs.{name}').get_config()
   changes = dict(channels=tuple(int(c) for c in FLAGS.channels), t_free=FLAGS.t_free,
@@ -48,14 +51,12 @@ def main(argv):
                  free_dtype=FLAGS.free_dtype)
   config.update({k: v for k, v in changes.items() if v not in (0, '', (), -1)})
   config.n_points = FLAGS.n_points
-  if FLAGS.script == 'imagenet32_conv':
-    devices = script.resolve_config(config, jax.local_device_count(), 1)
-  else:
-    devices = script.resolve_config(config, jax.local_device_count())
-  params = script.init_params(jax.random.PRNGKey(0), config)
-  optimizer = script.make_optimizer(config, 1000)
-  state = script.replicate((params, optimizer.init(params)), devices)
-  step_fn = script.make_train_step(config, optimizer)
+  devices = cifar_conv.check_config(config, jax.local_device_count(), datasets=datasets)
+  stats = (datasets[config.dataset]['mean'], datasets[config.dataset]['std'])
+  params = cifar_conv.init_params(jax.random.PRNGKey(0), config)
+  optimizer = cifar_conv.make_optimizer(config, 1000)
+  state = harness.replicate((params, optimizer.init(params)), devices)
+  step_fn = cifar_conv.make_train_step(config, optimizer, stats)
   rng = np.random.default_rng(0)
   b = config.batch_size
   x = rng.integers(0, 256, (devices, b // devices, 32, 32, 3), dtype=np.uint8)
@@ -74,16 +75,16 @@ def main(argv):
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
   params = jax.tree_util.tree_map(lambda a: a[0], state[0])
-  x_drive = script.input_drive(params, script.normalize(x[0], config.dataset))
+  x_drive = cifar_conv.input_drive(params, cifar_conv.normalize(x[0], *stats))
   relax_compile = {}
   for t in (max(1, config.t_free // 10), config.t_free):
-    relax = jax.jit(lambda p, d, t=t: script.free_relaxation(_with(config, t_free=t), p, d))
+    relax = jax.jit(lambda p, d, t=t: cifar_conv.free_relaxation(_with(config, t_free=t), p, d))
     t0 = time.perf_counter()
     compiled = relax.lower(params, x_drive).compile()
     relax_compile[t] = time.perf_counter() - t0
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(params, x_drive))  # the T_free one
-  per_step = (time.perf_counter() - t0) / script.steps_for(config, config.t_free)
+  per_step = (time.perf_counter() - t0) / config.t_free
   print(f'{FLAGS.script} {config.algorithm}{config.n_points if config.algorithm == "hep" else ""}'
         f' homeo {config.homeo_coef:g} channels {tuple(config.channels)} T {config.t_free}/'
         f'{config.t_nudge} batch {b} free {config.free_dtype} on {devices} {jax.default_backend()}'

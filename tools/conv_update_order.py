@@ -35,7 +35,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -160,23 +159,50 @@ def part_paper(args):
                args.ref_free, args.ref_nudge)
 
 
+def tiny_net(seed=0, batch=3):
+  """(config, params, x, labels) of a tiny float64 net: 16x16x2 images, channels (2, 3, 4),
+  alpha 60, LeCun kernels, biases N(0, 0.3^2)."""
+  config = paper_config(image_size=16, in_channels=2, channels=(2, 3, 4), alpha=60.0,
+                        t_free=100, t_nudge=100, beta=0.05)
+  params = cc.init_params(jax.random.PRNGKey(seed), config)
+  rng = np.random.default_rng(seed)
+  params['forward'] = [dict(p, b=jnp.asarray(0.3 * rng.standard_normal(p['b'].shape)))
+                       for p in params['forward']]
+  x = jnp.asarray(rng.standard_normal((batch, 16, 16, 2)))
+  return config, params, x, jnp.asarray((np.arange(batch) * 3) % 10)
+
+
+def dense_dbeta_s(params, x_drive, labels, u, i):
+  """d_beta s* = (I - D K)^{-1} D g of sample i by a dense solve, and the spectral radius of
+  D K (K = dG/ds, D = diag sigma'(u*), g = dL/ds on the output layer)."""
+  u_i = tuple(a[i:i + 1] for a in u)
+  s_i = cc.activate(u_i)
+  k = np.asarray(common.flat_jacobian(lambda s: cc.drives(params, s, x_drive[i:i + 1]), s_i))
+  ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(a)) for a in tree])
+  d = flat(jax.jvp(cc.activate, (u_i,), (ones,))[1])
+  g = flat((*(jnp.zeros_like(a) for a in s_i[:-1]),
+            cc.loss_grad_s(params, s_i[-1], labels[i:i + 1])))
+  dk = d[:, None] * k
+  return np.linalg.solve(np.eye(len(d)) - dk, d * g), np.abs(np.linalg.eigvals(dk)).max()
+
+
 def part_tiny(args):
-  import reference  # pylint: disable=g-import-not-at-top
+  del args
   jax.config.update('jax_enable_x64', True)
-  import test_conv  # pylint: disable=g-import-not-at-top
   for scale in (1.0, 1.5):
-    config, params, x, labels = test_conv.tiny()
+    config, params, x, labels = tiny_net()
     params = scaled(params, scale)
     x_drive = cc.input_drive(params, x)
     _, u = free_trajectory(config, params, x_drive, 3000, 3000)
     s = cc.activate(u)
     refs = []
     for i in range(x.shape[0]):
-      k, d, g = [np.asarray(a[i]) for a in test_conv.dense(params, x_drive, labels, u)]
-      refs.append(np.asarray(reference.dbeta_s_dense(k, d, g)))
-      rho = np.abs(np.linalg.eigvals(d[:, None] * k)).max()
+      ref_i, rho = dense_dbeta_s(params, x_drive, labels, u, i)
+      refs.append(ref_i)
       print(f'  (sample {i}: spectral radius of DK {rho:.3f})')
-    ref = test_conv.unflatten_batch(np.stack(refs), s)
+    sizes = np.cumsum([math.prod(a.shape[1:]) for a in s])[:-1]
+    ref = tuple(part.reshape(a.shape) for part, a in zip(np.split(np.stack(refs), sizes, 1), s))
     print(f'\n== tiny float64 net (16x16x2, channels (2,3,4)), kernels x{scale}, alpha 60; '
           'reference: dense solve ==', flush=True)
     run_orders(config, params, x, labels, 200, (10, 20, 40, 80), 10, 0, 0, ref=ref)

@@ -6,8 +6,8 @@ r"""Throughput of the ImageNet 32x32 input pipeline alone (no network), in image
 Reads the prepared TFDS imagenet_resized/32x32 (ArrayRecord) the way imagenet32_conv.py
 does, over `num_batches` batches of `batch_size` random training indices, in stages:
   read 1 thread     Split.read of one batch after the other (random access + PNG decode)
-  read N threads    epoch_batches with --threads (what a process of the script runs)
-  pipeline          epoch_batches + prefetch + sharding to the devices, and the jitted
+  read N threads    harness.read_batches with --threads (what a process of the script runs)
+  pipeline          read_batches + prefetch + sharding to the devices, and the jitted
                     on-device augment + normalize waited for every batch
 The train step must be much slower per image than `pipeline` for the input never to be
 the bottleneck (with several processes, each reads batch_size / processes images).
@@ -27,6 +27,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cifar_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import imagenet32_conv as script  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import imagenet32 as imagenet32_config  # pylint: disable=wrong-import-position
 
@@ -79,7 +81,8 @@ def main(argv):
     data_dir = FLAGS.fake_dir
   config = imagenet32_config.get_config()
   config.tfds_data_dir = data_dir
-  split = script.load_data(config, script.prepare_tfds(config, 0))['train']
+  data = script.load_data(config)
+  split = data.train
   b, n = FLAGS.batch_size, FLAGS.num_batches
   rng = np.random.default_rng(0)
   batches = [rng.choice(len(split), b, replace=False) for _ in range(n)]
@@ -90,20 +93,20 @@ def main(argv):
   print(f'read 1 thread      {rate(lambda: [split.read(i) for i in batches], images):9.0f} img/s')
   consume = lambda it: [None for _ in it]
   print(f'read {FLAGS.threads} threads    '
-        f'{rate(lambda: consume(script.epoch_batches(split, batches, FLAGS.threads)), images):9.0f}'
+        f'{rate(lambda: consume(harness.read_batches(split, batches, FLAGS.threads)), images):9.0f}'
         ' img/s')
   devices = jax.local_device_count()
-  shard = lambda a: a.reshape(devices, -1, *a.shape[1:])
-  prep = jax.pmap(lambda key, x: script.normalize(
-      script.augment(key, x, jax.numpy.arange(x.shape[0])), 'imagenet32'),
+  shard = lambda a: harness.shard(a, devices)
+  prep = jax.pmap(lambda key, x: cifar_conv.normalize(
+      cifar_conv.augment(key, x, jax.numpy.arange(x.shape[0])), data.mean, data.std),
                   in_axes=(None, 0))
   key = jax.random.PRNGKey(0)
-  first = script.epoch_batches(split, batches[:1], 1)
+  first = harness.read_batches(split, batches[:1], 1)
   jax.block_until_ready(prep(key, shard(next(first)[0])))  # compile
 
   def pipeline():
-    for x, _ in script.prefetch(script.epoch_batches(split, batches, FLAGS.threads),
-                                put=lambda batch: tuple(shard(a) for a in batch)):
+    for x, _ in harness.prefetch(harness.read_batches(split, batches, FLAGS.threads),
+                                 put=lambda batch: tuple(shard(a) for a in batch)):
       jax.block_until_ready(prep(key, x))
   print(f'pipeline           {rate(pipeline, images):9.0f} img/s')
 
