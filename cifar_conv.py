@@ -104,14 +104,11 @@ def softmax_pool(x):
   return jnp.sum(e * x, axis=(2, 4)) / jnp.sum(e, axis=(2, 4))
 
 
-def _conv(s, w, padding):
+def real_conv(s, w, padding):
   w = w.astype(s.dtype)
   if padding == 'VALID':
-    # The last layer maps a 4x4 map to 2x2. XLA:CPU computes the input gradient of such a
-    # small VALID convolution (a 'full' convolution of the 2x2 map, needed by the backward
-    # module every step) about 100x slower than the forward pass (370 ms against 4 ms at
-    # batch 16, 512 channels). Written as an explicit patch matrix times the kernel, the
-    # forward pass and both gradients are plain matrix products.
+    # The last layer (4x4 -> 2x2) as a patch matrix times the kernel: XLA:CPU's input
+    # gradient of so small a VALID convolution is ~100x slower (README, Performance).
     kh, kw = w.shape[:2]
     h, wd = s.shape[1] - kh + 1, s.shape[2] - kw + 1
     patches = jnp.concatenate([s[:, a:a + h, b:b + wd] for a in range(kh) for b in range(kw)],
@@ -125,8 +122,8 @@ def conv(s, w, padding):
   """3x3 convolution, stride 1, NHWC/HWIO, of a real or complex state with real kernels
   (complex: two real convolutions, like fmnist_mlp.dot)."""
   if jnp.iscomplexobj(s):
-    return jax.lax.complex(_conv(s.real, w, padding), _conv(s.imag, w, padding))
-  return _conv(s, w, padding)
+    return jax.lax.complex(real_conv(s.real, w, padding), real_conv(s.imag, w, padding))
+  return real_conv(s, w, padding)
 
 
 def init_params(key, config):
@@ -292,17 +289,14 @@ def resolve_free_dtype(config):
   return None if name == 'float32' else jnp.dtype(name)
 
 
-
 # ======================================================================================
 # Neuronal error vectors and gradients (Eqs. 4-9)
 # ======================================================================================
 
-def effective_algorithm(config):
-  """config.algorithm, with 'hep' at n_points = 0 read as 'hep_exact' (the authors'
-  convention: N = 0 is the exact derivative)."""
-  if config.algorithm == 'hep' and config.n_points == 0:
-    return 'hep_exact'
-  return config.algorithm
+def estimator(config):
+  """The configured algorithm; 'hep' with N = 0 is the exact derivative (the authors'
+  convention)."""
+  return 'hep_exact' if config.algorithm == 'hep' and config.n_points == 0 else config.algorithm
 
 
 def free_relaxation(config, params, x_drive):
@@ -429,7 +423,7 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   """
   x_drive = input_drive(params, x)
   metrics = {}
-  algorithm = effective_algorithm(config)
+  algorithm = estimator(config)
   if algorithm == 'hep_continuous':
     # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
     s_free, error = continuous_estimate(config, params, x_drive, labels)
@@ -459,7 +453,6 @@ def compute_grads(config, params, x, labels, key, sample_ids):
     metrics['homeo_loss'], homeo = homeostatic_grads(config, params, x, s_free, noise)
     grads = jax.tree_util.tree_map(jnp.add, grads, homeo)
   return grads, metrics
-
 
 
 # ======================================================================================
@@ -639,7 +632,7 @@ def make_diagnostics(config, stats):
     delta = rbp_error(config, params, x_drive, labels, u_free)
     cos = lambda e: [jnp.mean(common.per_sample_cosine(a, b)) for a, b in zip(e, delta)]
     out = {'log10_residual': log10_residual, 'cosine_exact': cos(common.exact_dbeta(relax))}
-    algorithm = effective_algorithm(config)
+    algorithm = estimator(config)
     if algorithm == 'hep':
       out['cosine_estimate'] = cos(common.cauchy_estimate(relax, s_free, config.beta,
                                                           config.n_points))
@@ -656,7 +649,6 @@ def make_diagnostics(config, stats):
     return out
 
   return diagnostics
-
 
 
 # ======================================================================================
@@ -683,9 +675,6 @@ DATASETS = {  # url: what TFDS downloads to prepare it (checked before it tries)
     'fashion_mnist': dict(num_classes=10, mean=(0.2860,) * 3, std=(1.5 * 0.3530,) * 3,
                           train_size=60000, test_size=10000),
 }
-DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
-IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-             'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 CROP_PAD = 2  # pad 32 x 32 to 36 x 36, then take a random 32 x 32 window
 
 Data = collections.namedtuple('Data', 'train test mean std')
@@ -702,25 +691,6 @@ class MemorySplit:
 
   def read(self, indices):
     return self.images[indices], self.labels[indices]
-
-
-def load_fashion_mnist_32(folder):
-  """Fashion-MNIST from the four IDX .gz files, as uint8 (n, 32, 32, 3) CIFAR look-alikes."""
-  missing = [f for pair in IDX_FILES.values() for f in pair
-             if not os.path.exists(os.path.join(folder, f))]
-  if missing:
-    raise harness.ConfigError(f'Fashion-MNIST IDX files missing in {folder}: '
-                              f'{", ".join(missing)} (install the Debian package '
-                              'dataset-fashion-mnist or set --config.data_dir)')
-  out = {}
-  for split, (images, labels) in IDX_FILES.items():
-    x, y = (harness.read_idx(os.path.join(folder, f)) for f in (images, labels))
-    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
-      raise harness.ConfigError(f'{folder}: {split} images {x.shape} and labels {y.shape} are '
-                                'not n x 28 x 28 images with n labels')
-    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))  # zeros = black, as Fashion-MNIST's background
-    out[split] = (np.repeat(x[..., None], 3, axis=-1), y.astype(np.int32))
-  return out
 
 
 def load_tfds(name, data_dir, url):
@@ -769,8 +739,10 @@ def load_data(config):
   config.train_size / test_size > 0 keep the first n images of the split.
   """
   info = DATASETS[config.dataset]
-  if config.dataset == 'fashion_mnist':
-    data = load_fashion_mnist_32(config.data_dir or DEBIAN_DIR)
+  if config.dataset == 'fashion_mnist':  # padded to 32 x 32 (black), grey channel x 3
+    data = harness.load_fashion_mnist(config.data_dir or harness.FASHION_MNIST_DIR)
+    data = {split: (np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1), y)
+            for split, (x, y) in data.items()}
   else:
     data = load_tfds(config.dataset, config.tfds_data_dir, info['url'])
   for split in ('train', 'test'):

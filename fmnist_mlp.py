@@ -498,24 +498,6 @@ def default_workdir(config, script=SCRIPT):
 # Data
 # ======================================================================================
 
-DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
-IDX_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-             'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
-
-
-def load_idx(folder):
-  missing = [f for pair in IDX_FILES.values() for f in pair
-             if not os.path.exists(os.path.join(folder, f))]
-  if missing:
-    raise ConfigError(f'Fashion-MNIST IDX files missing in {folder}: {", ".join(missing)}')
-  out = {}
-  for split, (images, labels) in IDX_FILES.items():
-    x = harness.read_idx(os.path.join(folder, images))
-    out[split] = (x.reshape(len(x), -1),
-                  harness.read_idx(os.path.join(folder, labels)).astype(np.int32))
-  return out
-
-
 def load_tfds(data_dir):
   """Fashion-MNIST from a TFDS data_dir prepared in a random-access format (array_record).
 
@@ -542,10 +524,10 @@ def load_tfds(data_dir):
 
 def load_data(config):
   """{'train': (x, y), 'test': (x, y)} with x uint8 (n, 784) and integer labels."""
-  folder = config.data_dir or DEBIAN_DIR
-  if config.data_source == 'idx' or (config.data_source == 'auto' and
-                                     (config.data_dir or os.path.isdir(DEBIAN_DIR))):
-    data = load_idx(folder)
+  if config.data_source == 'idx' or (config.data_source == 'auto' and (
+      config.data_dir or os.path.isdir(harness.FASHION_MNIST_DIR))):
+    data = harness.load_fashion_mnist(config.data_dir or harness.FASHION_MNIST_DIR)
+    data = {split: (x.reshape(len(x), -1), y) for split, (x, y) in data.items()}
   else:
     data = load_tfds(config.tfds_data_dir)
   for split, size in (('train', config.train_size), ('test', config.test_size)):

@@ -575,6 +575,30 @@ def read_idx(path):
                       f'({type(e).__name__}: {e})') from e
 
 
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # the Debian package's IDX files
+FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+                       'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+
+
+def load_fashion_mnist(folder):
+  """{'train': (x, y), 'test': (x, y)} from the four Fashion-MNIST IDX .gz files in `folder`:
+  x uint8 (n, 28, 28), y int32 (n,)."""
+  missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair
+             if not os.path.exists(os.path.join(folder, f))]
+  if missing:
+    raise ConfigError(f'Fashion-MNIST IDX files missing in {folder}: {", ".join(missing)} '
+                      '(install the Debian package dataset-fashion-mnist or set '
+                      '--config.data_dir)')
+  out = {}
+  for split, (images, labels) in FASHION_MNIST_FILES.items():
+    x, y = (read_idx(os.path.join(folder, f)) for f in (images, labels))
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (len(x),):
+      raise ConfigError(f'{folder}: {split} images {x.shape} and labels {y.shape} are not '
+                        'n x 28 x 28 images with n labels')
+    out[split] = (x, y.astype(np.int32))
+  return out
+
+
 def read_batches(split, index_batches, threads=1):
   """split.read(indices) of each index array in turn, on `threads` threads, at most
   2 * threads reads ahead of the consumer (decoding releases the GIL)."""

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar_conv as pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -41,7 +42,10 @@ def load_images():
     rng = np.random.default_rng(0)
     return (rng.integers(0, 256, (FLAGS.num_images, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, FLAGS.num_images).astype(np.int32)), 'cifar10'
-  x, y = pipeline.load_fashion_mnist_32(FLAGS.data_dir or pipeline.DEBIAN_DIR)['train']
+  config = cifar10.get_config()
+  config.dataset, config.data_dir = 'fashion_mnist', FLAGS.data_dir
+  train = pipeline.load_data(config).train
+  x, y = train.images, train.labels
   if FLAGS.num_images > len(x):
     raise app.UsageError(f'--num_images={FLAGS.num_images} > the {len(x)} images')
   return (x[:FLAGS.num_images], y[:FLAGS.num_images]), 'fashion_mnist'
