@@ -794,7 +794,8 @@ FIELDS = {  # harness.check_fields: choices, bool, or (kind, low, high, above)
     'free_dtype': FREE_DTYPES, 'tied': bool, 'augment': bool,
     'image_size': (int, 8), 'in_channels': (int, 1), 'seed': (int, 0, 2**31 - 1),
     'alpha': (float, 0, 180), 'tol': (float, 0), 'n_points': (int, 0, 64),
-    'beta': (float, None, None, 0), 'homeo_coef': (float, 0), 'learning_rate': (float, None, None, 0),
+    'beta': (float, None, None, 0), 'homeo_coef': (float, 0),
+    'learning_rate': (float, None, None, 0),
     'momentum': (float, 0, 0.999), 'weight_decay': (float, 0), 'readout_wd_factor': (float, 0),
     'num_devices': (int, 0), 'log_every_steps': (int, 0), 'max_log10_residual': (float,),
     'max_train_loss': (float, None, None, 0),
@@ -890,8 +891,8 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
   if process_count > 1:  # process 0's checkpoint (or fresh start) for everyone
     start_epoch, params, opt_state = harness.broadcast((np.int32(start_epoch), params, opt_state))
     start_epoch = int(start_epoch)
-  if start_epoch > 1:
-    logging.info('resuming from %s after epoch %d', workdir.path, start_epoch - 1)
+  if harness.run_is_complete(workdir.path, start_epoch, config.num_epochs):
+    return workdir.history
   params, opt_state = harness.replicate((params, opt_state), num_devices)
 
   stats = (data.mean, data.std)
@@ -912,7 +913,7 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
         harness.read_batches(data.train, indices, config.data_threads),
         put=lambda batch: tuple(harness.shard(a, num_devices) for a in batch))
     progress = harness.Progress(epoch, steps_per_epoch, config.batch_size,
-                                config.log_every_steps, config.max_train_loss)
+                                config.log_every_steps, config.max_train_loss, config.num_epochs)
     for i, (images, labels) in enumerate(batches):
       step = np.int32((epoch - 1) * steps_per_epoch + i)
       params, opt_state, metrics = train_step(params, opt_state, step, images, labels)

@@ -562,8 +562,8 @@ def train_and_evaluate(config, workdir=None, net=MLP, script=SCRIPT, check=check
   optimizer = make_optimizer(config)
   params = net.init_params(jax.random.PRNGKey(config.seed), config)
   (params, opt_state), start_epoch = workdir.restore((params, optimizer.init(params)))
-  if start_epoch > 1:
-    logging.info('resuming from %s after epoch %d', workdir.path, start_epoch - 1)
+  if harness.run_is_complete(workdir.path, start_epoch, config.num_epochs):
+    return workdir.history
   params, opt_state = harness.replicate((params, opt_state), num_devices)
 
   train_step = make_train_step(config, optimizer, net)
@@ -576,7 +576,7 @@ def train_and_evaluate(config, workdir=None, net=MLP, script=SCRIPT, check=check
 
   for epoch in range(start_epoch, config.num_epochs + 1):
     progress = harness.Progress(epoch, steps_per_epoch, config.batch_size,
-                                config.log_every_steps, config.max_train_loss)
+                                config.log_every_steps, config.max_train_loss, config.num_epochs)
     batches = harness.process_batch_indices(num_train, config.batch_size, config.seed, epoch)
     for i, idx in enumerate(batches):
       step = np.int32((epoch - 1) * steps_per_epoch + i)

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging as std_logging
 import math
 import os
 import platform
@@ -174,7 +175,7 @@ def restore_checkpoint(checkpoint, template):
   flat, treedef = jax.tree_util.tree_flatten_with_path(template)
   leaves = checkpoint['leaves']
   if [jax.tree_util.keystr(p) for p, _ in flat] != list(checkpoint['paths']) or any(
-      np.shape(a) != b.shape or np.result_type(a) != b.dtype for (_, a), b in zip(flat, leaves)):
+      np.shape(a) != b.shape or np.asarray(a).dtype != b.dtype for (_, a), b in zip(flat, leaves)):
     raise ConfigError('the checkpoint does not hold the parameters of this network')
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -237,15 +238,22 @@ class Workdir:
         logging.warning('%s is missing: it will hold only the epochs from %d on', path,
                         last_epoch + 1)
       return []
-    rows = []
-    with open(path) as f:
-      for number, line in enumerate(f, 1):
-        try:
-          rows.append(json.loads(line))
-          assert isinstance(rows[-1]['epoch'], int)
-        except (ValueError, AssertionError, KeyError, TypeError) as e:
-          raise ConfigError(f'{path} line {number} is not a metrics row; fix or remove that '
-                            'line to resume') from e
+    with open(path, 'rb') as f:
+      lines = f.read().split(b'\n')
+    rows, seen = [], set()
+    for number, line in enumerate(lines, 1):
+      if not line and number == len(lines):
+        break  # the file ends with a newline
+      try:
+        rows.append(json.loads(line.decode()))
+        assert isinstance(rows[-1]['epoch'], int)
+      except (ValueError, AssertionError, KeyError, TypeError) as e:  # UnicodeDecodeError too
+        raise ConfigError(f'{path} line {number} is not a metrics row; fix or remove that '
+                          'line to resume') from e
+      if rows[-1]['epoch'] in seen:
+        raise ConfigError(f'{path} line {number} repeats epoch {rows[-1]["epoch"]}; remove one '
+                          'of the two rows to resume')
+      seen.add(rows[-1]['epoch'])
     rows = [r for r in rows if r['epoch'] <= last_epoch]
     if len(rows) < last_epoch:
       logging.warning('%s holds %d of the %d checkpointed epochs', path, len(rows), last_epoch)
@@ -281,6 +289,17 @@ class Workdir:
     meta = json.dumps({'epoch': epoch, 'config': self.run_config, 'paths': paths})
     arrays = {f'leaf{i:05d}': a for i, a in enumerate(leaves)}
     write_atomic(self._file(CHECKPOINT), lambda f: np.savez(f, meta=np.asarray(meta), **arrays))
+
+
+def run_is_complete(path, start_epoch, num_epochs):
+  """Logs where the run starts; True (and says so) when it has nothing left to train."""
+  if start_epoch > num_epochs:
+    logging.info('this run is complete (%d epoch%s) in %s: nothing to train', start_epoch - 1,
+                 's' if start_epoch > 2 else '', path)
+    return True
+  if start_epoch > 1:
+    logging.info('resuming from %s after epoch %d', path, start_epoch - 1)
+  return False
 
 
 def read_rows(path):
@@ -342,8 +361,9 @@ class Progress:
   """The per-step metrics of one epoch (reduced by reduce_metrics: equal on every device):
   a progress line every `log_every` steps, and the epoch's summary row."""
 
-  def __init__(self, epoch, steps, batch_size, log_every, max_train_loss):
+  def __init__(self, epoch, steps, batch_size, log_every, max_train_loss, num_epochs=None):
     self.epoch, self.steps, self.batch_size = epoch, steps, batch_size
+    self.epochs_after = (num_epochs or epoch) - epoch
     self.log_every, self.max_train_loss = log_every, max_train_loss
     self.values, self.start = collections.defaultdict(list), time.time()
 
@@ -362,9 +382,11 @@ class Progress:
     elapsed = time.time() - self.start
     dropped = int(recent['dropped_samples'].sum()) if 'dropped_samples' in recent else 0
     loss = float(recent['loss'].mean())
-    logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.0f img/s  eta %.0fs%s',
+    left = elapsed / done * (self.steps - done)
+    run_left = (left + elapsed / done * self.steps * self.epochs_after) / 3600
+    logging.info('epoch %d  step %d/%d  loss %.4f  acc %.3f  %.0f img/s  eta %.0fs (run %.1f h)%s',
                  self.epoch, done, self.steps, loss, float(recent['accuracy'].mean()),
-                 done * self.batch_size / elapsed, elapsed / done * (self.steps - done),
+                 done * self.batch_size / elapsed, left, run_left,
                  f'  dropped {dropped} non-finite samples' if dropped else '')
     return not self.blown_up(loss)
 
@@ -398,7 +420,8 @@ def stop_if_diverged(workdir, row, params, max_train_loss):
   row['diverged'] = True
   workdir.write_metrics(workdir.history + [row])
   epoch = row['epoch']
-  kept = f'the checkpoint still holds epoch {epoch - 1}' if epoch > 1 else 'no checkpoint was written'
+  kept = (f'the checkpoint still holds epoch {epoch - 1}' if epoch > 1 else
+          'no checkpoint was written')
   raise FloatingPointError(
       f'training diverged in epoch {epoch} (training loss {row["train_loss"]:.4g} > '
       f'max_train_loss={max_train_loss:g}, or non-finite parameters); {kept}. '
@@ -718,6 +741,13 @@ def parse_flags(script):
   """absl's flag parser for `script`, with a bad --config (missing file, misspelt field,
   wrong type) as one line instead of a traceback."""
   def parse(argv):
+    fields = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    twice = sorted({f for f in fields if fields.count(f) > 1})
+    if twice:  # ml_collections would concatenate a tuple given twice
+      sys.exit(f'{script}: error: {", ".join(twice)} given more than once')
+    files = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+    if files and not os.path.isfile(files[-1].split(':', 1)[0]):
+      sys.exit(f'{script}: error: the config file {files[-1]} does not exist')
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
@@ -742,12 +772,17 @@ def run_main(script, train_and_evaluate, default_config):
   wait for the dead process, then abort with a stack dump.
   """
   define_flags(default_config)
+  # Not an error: JAX looks for a TPU first and logs its absence at INFO level.
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError('Too many command-line arguments.')
     try:
       train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except KeyboardInterrupt:  # the files written before are intact
+      print(f'{script}: interrupted; resume with the same command', file=sys.stderr, flush=True)
+      sys.exit(130)
     except (ConfigError, FloatingPointError) as e:
       sys.exit(f'{script}: error: {e}')
     except OSError as e:  # a read-only or full disk: the files written before are intact
