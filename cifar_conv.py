@@ -843,6 +843,15 @@ def check_config(config, num_local_devices, num_processes=1, datasets=DATASETS):
   return harness.check_devices(c, num_local_devices, num_processes)
 
 
+def check_data(config, data):
+  """The loaded data, if the batches fit its training set."""
+  for name in ('batch_size', 'diag_batch_size'):
+    if config[name] > len(data.train):
+      raise harness.ConfigError(f'{name}={config[name]} exceeds the {len(data.train)} '
+                                'training images')
+  return data
+
+
 def default_workdir(config, script=SCRIPT):
   """runs/<script>/<dataset>_<algorithm and its main settings>-<hash of the run config>."""
   c = config
@@ -866,24 +875,21 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
   in every process. imagenet32_conv.py runs this loop with its own datasets and loader.
   """
   process_index, process_count = harness.start_processes(config)
-  num_devices = check_config(config, jax.local_device_count(), process_count, datasets)
+  # Every check before anything is written or compiled; several processes stop together on
+  # the first problem of any of them (harness.all_or_none).
+  path = workdir or default_workdir(config, script)
+  num_devices, workdir = harness.all_or_none(lambda: (
+      check_config(config, jax.local_device_count(), process_count, datasets),
+      harness.Workdir(path, config, RESUMABLE_FIELDS, writer=process_index == 0)),
+                                             harness.config_digest(config, RESUMABLE_FIELDS))
+  data = harness.all_or_none(lambda: check_data(config, load(config)))
   if process_count > 1:
-    harness.check_same_config(config, RESUMABLE_FIELDS)
     logging.info('process %d of %d, %d of its devices, %d devices in all', process_index,
                  process_count, num_devices, num_devices * process_count)
-  workdir = harness.Workdir(workdir or default_workdir(config, script), config,
-                            RESUMABLE_FIELDS, writer=process_index == 0)
-  data = load(config)
-  num_train = len(data.train)
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise harness.ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} '
-                              'training images')
-  if config.diag_batch_size > num_train:
-    raise harness.ConfigError(f'diag_batch_size={config.diag_batch_size} exceeds the '
-                              f'{num_train} training images')
   workdir.start()
   logging.info('workdir: %s', workdir.path)
+  num_train = len(data.train)
+  steps_per_epoch = num_train // config.batch_size
 
   optimizer = make_optimizer(config, config.num_epochs * steps_per_epoch)
   params = init_params(jax.random.PRNGKey(config.seed), config)

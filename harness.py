@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -495,11 +496,17 @@ def start_processes(config):
     raise ConfigError(f'coordinator_address must be a string host:port, got '
                       f'{c.coordinator_address!r}')
   if c.coordinator_address:
-    if ':' not in c.coordinator_address:
-      raise ConfigError(f'coordinator_address must be host:port, got {c.coordinator_address!r}')
+    host, _, port = c.coordinator_address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ConfigError(f'coordinator_address must be host:port with a port in 1..65535, got '
+                        f'{c.coordinator_address!r}')
     if c.num_processes < 1 or not 0 <= c.process_id < c.num_processes:
       raise ConfigError(f'with coordinator_address, set num_processes >= 1 and process_id in '
                         f'0..num_processes-1 (got {c.num_processes} and {c.process_id})')
+    if c.process_id == 0:
+      check_port_free(int(port))
+    else:
+      wait_for_coordinator(host, int(port), c.process_timeout_s)
     where = dict(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
                  process_id=c.process_id)
   elif c.num_processes > 1 or c.process_id >= 0:
@@ -519,24 +526,67 @@ def start_processes(config):
   return jax.process_index(), jax.process_count()
 
 
+def check_port_free(port):
+  """Process 0 serves the coordinator on `port`: refuse one in use before JAX tries (a
+  failed bind in its runtime ends the process without a word)."""
+  with socket.socket() as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      probe.bind(('', port))
+    except OSError as e:
+      raise ConfigError(f'port {port} of coordinator_address is in use on this machine '
+                        f'({e.strerror}): choose another one for every process') from e
+
+
+def wait_for_coordinator(host, port, timeout_s):
+  """Processes > 0: wait (at most timeout_s) until process 0 listens at host:port."""
+  deadline = time.time() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, port), timeout=1.0).close()
+      return
+    except OSError as e:
+      if time.time() > deadline:
+        raise ConfigError(f'process 0 is not listening at {host}:{port} after {timeout_s} s '
+                          f'({e.strerror or e}): start it with the same coordinator_address') from e
+      time.sleep(0.2)
+
+
+def all_or_none(start, digest=b''):
+  """Returns start() in every process of a run, or raises a ConfigError in every process:
+  where start() raised one, its own; elsewhere 'process P stopped: <its message>'. Also
+  when the processes' `digest`s (of their run configs) differ. So no process goes on to wait
+  for a failed one in a later collective. One process: start() as it is."""
+  try:
+    result, error = start(), None
+  except ConfigError as e:
+    result, error = None, e
+  if jax.process_count() == 1:
+    if error:
+      raise error
+    return result
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  text = one_line(error).encode()[:400] if error else b''
+  mine = np.zeros(21 + 400, np.uint8)
+  mine[0] = error is not None
+  mine[1:1 + len(digest[:20])] = np.frombuffer(digest[:20], np.uint8)
+  mine[21:21 + len(text)] = np.frombuffer(text, np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 421)
+  if error:
+    raise error
+  for p in np.nonzero(everyone[:, 0])[0]:
+    raise ConfigError(f'process {p} stopped: '
+                      f'{bytes(everyone[p, 21:]).rstrip(bytes(1)).decode(errors="replace")}')
+  for p in np.nonzero((everyone[:, 1:21] != everyone[0, 1:21]).any(axis=1))[0]:
+    raise ConfigError(f'process {p} was started with another config than process 0: start '
+                      'every process with the same flags')
+  return result
+
+
 def broadcast(tree):
   """Process 0's values of `tree` in every process."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.broadcast_one_to_all(tree)
-
-
-def sync_processes(name):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  multihost_utils.sync_global_devices(name)
-
-
-def check_same_config(config, resumable):
-  """Every process must run process 0's config (apart from the fields that say where it
-  runs): compares a digest of run_config with process 0's."""
-  mine = np.frombuffer(config_digest(config, resumable), np.uint8)
-  if not np.array_equal(broadcast(mine), mine):
-    raise ConfigError(f'process {jax.process_index()} was started with another config than '
-                      'process 0: start every process with the same flags')
 
 
 def process_batch_indices(num_examples, batch_size, seed, epoch, process_index=0,

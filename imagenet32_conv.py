@@ -79,7 +79,7 @@ class Split:
 
 def prepare_tfds(config):
   """Downloads and prepares the data set (ArrayRecord) if needed, in process 0 only; returns
-  the TFDS builder. The other processes wait for it, then open the data."""
+  the TFDS builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = DATASETS[config.dataset]
   name = info['tfds_name']
@@ -96,8 +96,6 @@ def prepare_tfds(config):
     except Exception as e:  # pylint: disable=broad-except
       raise harness.ConfigError(f'preparing {name} in {builder.data_dir} failed '
                                 f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
-  if jax.process_count() > 1:
-    harness.sync_processes('data prepared')
   return builder
 
 
@@ -106,7 +104,8 @@ def load_data(config):
 
   config.train_size / test_size > 0 keep the first n examples of the split.
   """
-  builder = prepare_tfds(config)
+  # The other processes wait for process 0 to prepare the data (or to fail), then open it.
+  builder = harness.all_or_none(lambda: prepare_tfds(config))
   info = DATASETS[config.dataset]
   out = {}
   for split, tfds_split in (('train', 'train'), ('test', info['test_split'])):
