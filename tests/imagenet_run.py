@@ -3,7 +3,7 @@ here): python tests/imagenet_run.py --config=configs/imagenet32.py --config.x=..
 
 The same command line as the script (harness.run_main with its train_and_evaluate and
 default config), inside tfds.testing.mock_data (64 deterministic fake examples per split);
-a helper of test_imagenet_script.py. Every process also prints `PARAMS <epoch> <digest>`
+a helper of test_imagenet32_conv.py. Every process also prints `PARAMS <epoch> <digest>`
 (harness.params_digest of the parameters it checkpoints, or would: process > 0 writes
 nothing) to stderr after each epoch, so that the test can compare the replicas of every
 process, and a one-process run, epoch by epoch.

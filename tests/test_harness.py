@@ -2,19 +2,24 @@
 
 A hostile user's workdir (damaged, someone else's, a pickle) is refused with one line and
 left as it was; writes are atomic; metrics are strict JSON; config fields are checked by
-table. The scripts' own use of it is covered by one smoke case each at the bottom.
+table; the input machinery (download checks, prefetch, ordered reads) and the process shards
+of an epoch. The scripts' own use of it is covered by one smoke case each at the bottom.
 """
 import errno
+import http.server
 import json
 import os
 import pickle
+import threading
+import time
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
 import harness
-import scripts
+from helpers import Exploit, run_script, snapshot, write_idx
 
 RESUMABLE = ('num_epochs', 'log_every_steps')
 
@@ -30,14 +35,6 @@ def config(**overrides):
 def state(scale=1.0):
   return ({'w': scale * np.ones((3, 2), np.float32), 'b': [np.zeros(2, np.float32)]},
           {'count': np.int32(3)})
-
-
-def snapshot(folder):
-  out = {}
-  for f in sorted(os.listdir(folder)):
-    with open(os.path.join(folder, f), 'rb') as fh:
-      out[f] = fh.read()
-  return out
 
 
 def a_run_after_one_epoch(path, c=None):
@@ -84,16 +81,6 @@ def test_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
   workdir = a_run_after_one_epoch(path)
   workdir.write_metrics(workdir.history + [{'epoch': 2, 'train_loss': 1.0}])  # then killed
   assert harness.Workdir(path, config(), RESUMABLE).history == [{'epoch': 1, 'train_loss': 2.3}]
-
-
-class Exploit:
-  """Unpickling this creates a file: the proof that a pickle was loaded."""
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return (open, (self.marker, 'w'))
 
 
 WORKDIR_CASES = {
@@ -239,7 +226,7 @@ def test_the_batch_must_split_over_devices_and_processes():
 
 
 def test_a_damaged_idx_file_is_a_one_line_error(tmp_path):
-  scripts.write_idx(str(tmp_path / 'ok.gz'), np.arange(6).reshape(2, 3))
+  write_idx(str(tmp_path / 'ok.gz'), np.arange(6).reshape(2, 3))
   np.testing.assert_array_equal(harness.read_idx(str(tmp_path / 'ok.gz')),
                                 np.arange(6).reshape(2, 3))
   (tmp_path / 'bad.gz').write_bytes((tmp_path / 'ok.gz').read_bytes()[:12])
@@ -283,6 +270,141 @@ def test_divergence_writes_the_row_keeps_the_checkpoint_and_raises(tmp_path):
   assert snapshot(path)['checkpoint.npz'] == checkpoint
 
 
+# ----------------------------------------------------------------------------- input machinery
+# (The scripts' data pipelines on it: tests/test_cifar_conv.py, tests/test_imagenet32_conv.py.)
+
+def test_url_reachable(silent_server):
+  start = time.time()
+  assert not harness.url_reachable(silent_server, timeout_s=1.0)  # times out
+  assert not harness.url_reachable('http://no-such-host.invalid/x', timeout_s=1.0)
+  assert time.time() - start < 4
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_HEAD(self):  # pylint: disable=invalid-name
+      self.send_response(200 if self.path == '/ok' else 404)
+      self.end_headers()
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    url = f'http://127.0.0.1:{server.server_address[1]}'
+    assert harness.url_reachable(url + '/ok', timeout_s=2.0)
+    assert not harness.url_reachable(url + '/missing', timeout_s=2.0)
+  finally:
+    server.shutdown()
+
+
+def test_preparation_problem_without_tensorflow_or_internet(monkeypatch, silent_server):
+  """harness.preparation_problem: one line each, in seconds, naming the data set, its folder
+  and the way out; None when TensorFlow is there and the download reachable."""
+  monkeypatch.setattr(harness, 'tensorflow_installed', lambda: False)
+  monkeypatch.setattr(harness, 'url_reachable',
+                      lambda *a, **k: pytest.fail('no download check without TensorFlow'))
+  problem = harness.preparation_problem('cifar10', '/data/x', silent_server)
+  assert problem.startswith('cifar10 is not prepared in /data/x; preparing it needs TensorFlow')
+  assert 'tfds_data_dir' in problem and '\n' not in problem
+  monkeypatch.undo()
+
+  monkeypatch.setattr(harness, 'tensorflow_installed', lambda: True)
+  start = time.time()
+  problem = harness.preparation_problem('cifar100', '/data/y', silent_server)
+  assert time.time() - start < 10
+  assert problem.startswith('cifar100 is not prepared in /data/y and ')
+  assert f'{silent_server} cannot be reached' in problem
+  assert 'tfds_data_dir' in problem and '\n' not in problem
+  monkeypatch.setattr(harness, 'url_reachable', lambda url: url == 'http://ok')
+  assert harness.preparation_problem('cifar100', '/data/y', 'http://ok') is None
+
+
+def test_prefetch():
+  items = [np.full(3, i) for i in range(7)]
+  out = list(harness.prefetch(iter(items), put=lambda a: a + 100, size=2))
+  np.testing.assert_array_equal(out, [a + 100 for a in items])
+  on_device = list(harness.prefetch(iter(items)))
+  assert all(isinstance(a, jax.Array) for a in on_device)
+
+  def failing():
+    yield 1
+    raise RuntimeError('broken source')
+  with pytest.raises(RuntimeError, match='broken source'):
+    list(harness.prefetch(failing(), put=lambda a: a))
+
+  produced = []
+
+  def endless():
+    i = 0
+    while True:
+      produced.append(i)
+      yield i
+      i += 1
+  gen = harness.prefetch(endless(), put=lambda a: a, size=2)
+  assert [next(gen) for _ in range(3)] == [0, 1, 2]
+  gen.close()  # stops and joins the thread
+  count = len(produced)
+  time.sleep(0.3)
+  assert len(produced) == count <= 3 + 2 + 1
+
+
+class SlowSplit:
+  """read(indices) that takes longer for earlier batches: threads finish out of order."""
+
+  def __len__(self):
+    return 100
+
+  def read(self, indices):
+    time.sleep(0.02 * (5 - min(int(indices[0]) // 10, 5)))
+    return indices * 2, indices
+
+
+def test_read_batches_keeps_the_order_on_several_threads():
+  batches = [np.arange(10 * i, 10 * i + 10) for i in range(8)]
+  for threads in (1, 3):
+    out = list(harness.read_batches(SlowSplit(), batches, threads))
+    assert len(out) == 8
+    for (x, y), idx in zip(out, batches):
+      np.testing.assert_array_equal(y, idx)
+      np.testing.assert_array_equal(x, 2 * idx)
+
+
+# ----------------------------------------------------------------------------- process shards
+
+@pytest.mark.parametrize('num_examples, batch_size, processes', [(1000, 64, 2), (999, 60, 3),
+                                                                  (64, 16, 4)])
+def test_process_shards_of_an_epoch_are_disjoint_and_form_the_global_batches(
+    num_examples, batch_size, processes):
+  shares = [harness.process_batch_indices(num_examples, batch_size, 7, 3, p, processes)
+            for p in range(processes)]
+  one = harness.process_batch_indices(num_examples, batch_size, 7, 3, 0, 1)
+  steps = num_examples // batch_size
+  for share in shares:
+    assert share.shape == (steps, batch_size // processes)
+  # Global batch i = the processes' shares of step i, in process order = one process's batch i.
+  np.testing.assert_array_equal(np.concatenate(shares, axis=1), one)
+  everything = np.concatenate([s.ravel() for s in shares])
+  assert len(set(everything)) == len(everything) == steps * batch_size  # disjoint
+  assert set(everything) <= set(range(num_examples))
+  other_epoch = harness.process_batch_indices(num_examples, batch_size, 7, 4, 0, 1)
+  assert not np.array_equal(other_epoch, one)  # reshuffled every epoch
+
+
+@pytest.mark.parametrize('num_examples, batch_size, processes', [(50, 8, 2), (20, 6, 3),
+                                                                  (7, 8, 4)])
+def test_process_eval_blocks_cover_the_split_once_in_equal_numbers_of_calls(
+    num_examples, batch_size, processes):
+  calls = [harness.process_eval_indices(num_examples, batch_size, p, processes)
+           for p in range(processes)]
+  assert len({len(c) for c in calls}) == 1  # collectives: every process calls alike
+  seen = np.concatenate([idx[mask > 0] for c in calls for idx, mask in c])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(num_examples))
+  for c in calls:
+    for idx, mask in c:
+      assert len(idx) == len(mask) == batch_size // processes
+
+
 # ----------------------------------------------------------------------------- every script
 
 SMOKE = [('fmnist_mlp.py', 'configs/fmnist_mlp.py'),
@@ -297,7 +419,7 @@ def test_every_script_reports_bad_input_in_one_line_and_writes_nothing(script, c
   workdir = tmp_path / 'run'
   for args, message in ((['--config.seed=-1'], 'seed must be >= 0'),
                         (['--config.no_such_field=1'], 'no_such_field')):
-    out = scripts.run_script(script, [f'--config={config_file}', f'--workdir={workdir}', *args])
+    out = run_script(script, [f'--config={config_file}', f'--workdir={workdir}', *args])
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f'{script}: error: ') and message in last, out.stderr[-2000:]

@@ -1,13 +1,11 @@
 """fig2_bias.py: Eq. 11, the |beta| sweep, the continuous-time trace, and an end-to-end run.
 
-In-process tests run in float64 on the tiny 784-6-5-10 MLP of tiny.py; the references are
+In-process tests run in float64 on the tiny 784-6-5-10 MLP of helpers.py; the references are
 independent (dense Jacobians and solves, common.continuous_time_estimate). The end-to-end
 run is a subprocess on small IDX files.
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +13,13 @@ import numpy as np
 import pytest
 
 import common
-import reference as dense_ref
 import fig2_bias
 import fmnist_mlp as m
 import harness
 from configs import fig2_bias as fig2_config
 from configs import fmnist_mlp as mlp_config
-from scripts import ROOT, write_fashion_mnist_lookalike
-from tiny import BATCH, dense, free_fixed_point, sample, tie, tiny_mlp
+from helpers import (BATCH, dbeta_s_dense, free_fixed_point, mlp_dense, rbp_delta_dense,
+                     run_script, sample, tie, tiny_mlp, write_fashion_mnist_lookalike)
 
 
 def save_checkpoint(folder, config, epoch, state):
@@ -67,7 +64,7 @@ def test_eq_11_residual_is_second_order_in_the_asymmetry():
     delta = m.rbp_error(config, p, x_drive, labels, u_free)
     r2 = f2 = a2 = 0.0
     for i in range(BATCH):
-      k, d, _ = dense(config, p, x, labels, u_free, i)
+      k, d, _ = mlp_dense(config, p, x, labels, u_free, i)
       h = np.sqrt(np.asarray(d))
       jac = h[:, None] * np.asarray(k) * h[None, :] - np.eye(len(h))  # J = M - I
       s, a = (jac + jac.T) / 2, (jac - jac.T) / 2
@@ -100,9 +97,9 @@ def test_sweep_at_tiny_beta_matches_the_exact_cosine_from_dense_solves():
   u_free = free_fixed_point(config, params, x)
   splits = np.cumsum(config.hidden_sizes)
   for i in range(BATCH):
-    k, d, g = dense(config, params, x, labels, u_free, i)
-    ref_exact = np.split(np.asarray(dense_ref.dbeta_s_dense(k, d, g)), splits)
-    ref_delta = np.split(np.asarray(dense_ref.rbp_delta_dense(k, d, g)), splits)
+    k, d, g = mlp_dense(config, params, x, labels, u_free, i)
+    ref_exact = np.split(np.asarray(dbeta_s_dense(k, d, g)), splits)
+    ref_delta = np.split(np.asarray(rbp_delta_dense(k, d, g)), splits)
     reference = [numpy_cosine(a, b) for a, b in zip(ref_exact, ref_delta)]
     reference.append(numpy_cosine(np.concatenate(ref_exact), np.concatenate(ref_delta)))
     np.testing.assert_allclose(out['exact'][i], reference, atol=1e-9)
@@ -204,24 +201,23 @@ def test_a_checkpoint_of_another_network_is_a_one_line_error(tmp_path):
     fig2_bias.check_config(config)
 
 
-def run_script(args, code=None):
-  command = [sys.executable, 'fig2_bias.py', *args] if code is None else [
-      sys.executable, '-c', code, *args]
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+def run_fig2(args, code=None):
+  """fig2_bias.py args..., or the program `code` with those arguments."""
+  return run_script('fig2_bias.py', args) if code is None else run_script('-c', [code, *args])
 
 
 def test_cli_errors_are_one_line_before_any_compute(tmp_path):
-  out = run_script([f'--workdir={tmp_path}/a', '--config.sweep_n_points=(1,0)'])
+  out = run_fig2([f'--workdir={tmp_path}/a', '--config.sweep_n_points=(1,0)'])
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith('fig2_bias.py: error: sweep_n_points')
-  out = run_script([f'--workdir={tmp_path}/b', f'--config.data_dir={tmp_path}/none'])
+  out = run_fig2([f'--workdir={tmp_path}/b', f'--config.data_dir={tmp_path}/none'])
   assert out.returncode == 1 and 'IDX files missing' in out.stderr.strip().splitlines()[-1]
-  out = run_script([f'--workdir={tmp_path}/c', '--config=configs/fmnist_mlp.py'])
+  out = run_fig2([f'--workdir={tmp_path}/c', '--config=configs/fmnist_mlp.py'])
   assert out.returncode == 1 and 'not a fig2_bias config' in out.stderr
   # Without matplotlib, asking for figures fails at once, naming the way out.
   hide = ('import runpy, sys; sys.modules["matplotlib"] = None; '
           'sys.argv[0] = "fig2_bias.py"; runpy.run_path("fig2_bias.py", run_name="__main__")')
-  out = run_script([f'--workdir={tmp_path}/d'], code=hide)
+  out = run_fig2([f'--workdir={tmp_path}/d'], code=hide)
   assert out.returncode == 1
   assert 'matplotlib' in out.stderr.strip().splitlines()[-1]
   assert not any(os.path.exists(tmp_path / w) for w in 'abcd')
@@ -247,7 +243,7 @@ def test_smoke_run_writes_every_output(tmp_path):
           '--config.dist_depths=(1,2)', '--config.dist_width=8',
           '--config.continuous_steps_per_point=8', '--config.continuous_periods=2',
           '--config.trace_sample=2', f'--config.checkpoint_dir={run_dir}']
-  out = run_script(args)
+  out = run_fig2(args)
   assert out.returncode == 0, out.stderr[-3000:]
   files = set(os.listdir(workdir))
   assert {'config.json', 'fig2.json', 'sweep.csv', 'cosines.csv', 'continuous.csv',

@@ -14,21 +14,16 @@ import numpy as np
 import pytest
 
 import common
-import reference as dense_ref
 import fmnist_feedback
 import fmnist_mlp as mlp
 from configs import fmnist_feedback as feedback_config
-import scripts
-from scripts import TWO_DEVICES, SMALL, read_rows
+from helpers import (BATCH, MLP_SMALL_ARGS, TWO_DEVICES, assert_trees_close, dbeta_s_dense,
+                     dense_all, flatten, rbp_delta_dense, read_rows, run_script, sample,
+                     without_count)
+import helpers
 
 NET = fmnist_feedback.FEEDBACK  # fmnist_mlp's functions run on it where they take `net`
-
-
-def net_grads(*args):
-  """The network gradient of the script (without its count of dropped samples)."""
-  return mlp.network_grads(*args, net=NET)[0]
-
-BATCH = 4
+feedback_grads = without_count(mlp.network_grads, net=NET)  # its gradient (without the count)
 
 
 def tiny_net(scale=0.6, seed=0, hidden=(6, 5), layer_updates='synchronous', t_free=400,
@@ -54,39 +49,21 @@ def tiny_net(scale=0.6, seed=0, hidden=(6, 5), layer_updates='synchronous', t_fr
 
 
 def free_fixed_point(config, params, x):
-  u, res = mlp.free_relaxation(config, params, mlp.input_drive(params, x), net=NET)
-  assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
-  return u
+  return helpers.free_fixed_point(config, params, x, net=NET)
 
 
 @jax.jit
-def dense(params, x, labels, u_free):
-  """K = dG/ds, d = sigma'(u*), g = dL/ds of every sample, by dense autodiff (batched)."""
-  def one(x_drive, u_i, label):
-    u_i = tuple(a[None] for a in u_i)
-    s_i = mlp.activate(u_i)
-    k = common.flat_jacobian(lambda s: mlp.drives(params, s, x_drive[None], net=NET), s_i)
-    ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
-    d = dense_ref.flatten(jax.jvp(mlp.activate, (u_i,), (ones,))[1])
-    g = dense_ref.flatten((*(jnp.zeros_like(s) for s in s_i[:-1]),
-                        mlp.loss_grad_s(params, s_i[-1], label[None])))
-    return k, d, g
-  return jax.vmap(one)(mlp.input_drive(params, x), u_free, labels)
-
-
-def sample(tree, i):
-  return np.asarray(dense_ref.flatten(tuple(a[i] for a in tree)))
+def feedback_dense(params, x, labels, u_free):
+  """(K, d, g) of every sample of the feedback network (helpers.dense_all, batched)."""
+  return dense_all(mlp.activate, lambda s, x_drive: mlp.drives(params, s, x_drive, net=NET),
+                   lambda s, y: mlp.loss_grad_s(params, s, y), mlp.input_drive(params, x),
+                   labels, u_free)
 
 
 def stack_layers(config, vectors):
   """Per-sample flat vectors (batch, n) -> the state's tuple of layers."""
   splits = np.cumsum(config.hidden_sizes)
   return tuple(jnp.asarray(a) for a in np.split(np.asarray(vectors), splits, axis=1))
-
-
-def assert_trees_close(a, b, rtol):
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max() + 1e-15)
 
 
 def network_only(tree):
@@ -113,7 +90,7 @@ def test_the_jacobian_has_no_reciprocal_entry_and_homeostasis_is_the_loop_weight
   """K = dG/ds is the cycle's weights; the homeostatic loss is ||K||^2 / n (module doc)."""
   config, params, x, labels = tiny_net()
   u_free = free_fixed_point(config, params, x)
-  k = dense(params, x, labels, u_free)[0][0]
+  k = feedback_dense(params, x, labels, u_free)[0][0]
   n1, n2, n = 6, 5, 21
   fw, fb = params['forward'], params['feedback']['w']
   expected = np.zeros((n, n))
@@ -181,7 +158,7 @@ def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
     assert np.max(np.sqrt(common.per_sample_sq_norm(field))) < 1e-10
     relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
     nudged = relax(jnp.asarray(0.3))
-    states[order] = (dense_ref.flatten(mlp.activate(u_free)), dense_ref.flatten(nudged))
+    states[order] = (flatten(mlp.activate(u_free)), flatten(nudged))
   for a, b in zip(states['synchronous'], states['sequential']):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   free, nudged = states['sequential']
@@ -197,8 +174,8 @@ def test_exact_dbeta_equals_the_dense_solve(layer_updates):
   x_drive = mlp.input_drive(params, x)
   relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
   exact = common.exact_dbeta(relax)
-  for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
-    reference = dense_ref.dbeta_s_dense(k, d, g)
+  for i, (k, d, g) in enumerate(zip(*feedback_dense(params, x, labels, u_free))):
+    reference = dbeta_s_dense(k, d, g)
     np.testing.assert_allclose(sample(exact, i), reference, rtol=1e-9, atol=1e-12)
     assert np.linalg.norm(reference[:11]) > 1e-3  # the error reaches the hidden layers
 
@@ -223,8 +200,8 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
   exact = common.exact_dbeta(
       mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET))
   dense_delta = []
-  for i, (k, d, g) in enumerate(zip(*dense(params, x, labels, u_free))):
-    dense_delta.append(dense_ref.rbp_delta_dense(k, d, g))
+  for i, (k, d, g) in enumerate(zip(*feedback_dense(params, x, labels, u_free))):
+    dense_delta.append(rbp_delta_dense(k, d, g))
     np.testing.assert_allclose(sample(delta, i), dense_delta[-1], rtol=1e-9, atol=1e-12)
     # Exact form of Eq. 10: d_beta s* = (I - DK)^{-1} (I - DK^T) delta ...
     n = len(k)
@@ -234,8 +211,8 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
     # ... and without any reciprocal weight the two error vectors really differ.
     assert np.linalg.norm(sample(exact, i) - dense_delta[-1]) > 0.2 * np.linalg.norm(
         dense_delta[-1])
-  rbp = net_grads(params, x, s_free, delta)
-  assert_trees_close(rbp, net_grads(params, x, s_free, stack_layers(config, dense_delta)),
+  rbp = feedback_grads(params, x, s_free, delta)
+  assert_trees_close(rbp, feedback_grads(params, x, s_free, stack_layers(config, dense_delta)),
                      1e-9)
   unrolled = _unrolled_loss_grads(config, params, x, labels, 600)
   assert_trees_close(network_only(rbp), network_only(unrolled), 1e-8)
@@ -246,11 +223,11 @@ def test_every_algorithm_gives_its_reference_gradient():
   config, params, x, labels = tiny_net()
   u_free = free_fixed_point(config, params, x)
   s_free = mlp.activate(u_free)
-  vectors = dense(params, x, labels, u_free)
-  true = net_grads(params, x, s_free, stack_layers(
-      config, jax.vmap(dense_ref.rbp_delta_dense)(*vectors)))
-  hep = net_grads(params, x, s_free, stack_layers(
-      config, jax.vmap(dense_ref.dbeta_s_dense)(*vectors)))
+  vectors = feedback_dense(params, x, labels, u_free)
+  true = feedback_grads(params, x, s_free, stack_layers(
+      config, jax.vmap(rbp_delta_dense)(*vectors)))
+  hep = feedback_grads(params, x, s_free, stack_layers(
+      config, jax.vmap(dbeta_s_dense)(*vectors)))
   readout = jax.grad(lambda p: mlp.readout_loss(p, s_free[-1], labels)[0])(params)['readout']
 
   def grads(layer_updates='sequential', **overrides):
@@ -324,7 +301,7 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
 
 # ----------------------------------------------------------------- bad input
 
-# The table of bad fields shared by every script is in tests/test_skeleton.py.
+# The table of bad fields shared with fmnist_mlp.py is in tests/test_fmnist_mlp.py.
 @pytest.mark.parametrize('overrides, message', [
     (dict(hidden_sizes=(32,)), 'needs >= 2 layers'),
 ])
@@ -336,8 +313,12 @@ def test_bad_config_is_a_one_line_error(overrides, message):
   assert '\n' not in str(error.value)
 
 
+def run_feedback(args, env=None):
+  return run_script('fmnist_feedback.py', args, env)
+
+
 def test_cli_reports_bad_input_before_compiling(tmp_path):
-  out = run_script([f'--workdir={tmp_path}', '--config.layer_updates=alternating'])
+  out = run_feedback([f'--workdir={tmp_path}', '--config.layer_updates=alternating'])
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith(
       'fmnist_feedback.py: error: unknown layer_updates')
@@ -346,16 +327,12 @@ def test_cli_reports_bad_input_before_compiling(tmp_path):
 
 # ----------------------------------------------------------------- end to end
 
-def run_script(args, env=None):
-  return scripts.run_script('fmnist_feedback.py', args, env)
-
-
 def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path):
   """Epoch 1 on two fake CPU devices (pmap, pmean, lockstep), epoch 2 resumed on one."""
   workdir = str(tmp_path / 'run')
-  args = [f'--workdir={workdir}', f'--config.data_dir={idx_dir}', *SMALL]
-  first = run_script([*args, '--config.num_epochs=1'],
-                     env={'XLA_FLAGS': TWO_DEVICES})
+  args = [f'--workdir={workdir}', f'--config.data_dir={idx_dir}', *MLP_SMALL_ARGS]
+  first = run_feedback([*args, '--config.num_epochs=1'],
+                       env={'XLA_FLAGS': TWO_DEVICES})
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'step 2/2' in first.stderr and 'angle n/a' in first.stderr  # the progress display
   rows = read_rows(workdir)
@@ -375,12 +352,12 @@ def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path)
   assert saved['hidden_sizes'] == [32, 16] and saved['algorithm'] == 'hep_exact'
   assert saved['homeo_coef'] == 0.1 and saved['layer_updates'] == 'sequential'
 
-  second = run_script([*args, '--config.num_epochs=2'])
+  second = run_feedback([*args, '--config.num_epochs=2'])
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'resuming' in second.stderr and 'epoch 1  step' not in second.stderr
   rows2 = read_rows(workdir)
   assert [r['epoch'] for r in rows2] == [1, 2] and rows2[0] == rows[0]
   assert rows2[1]['diag/weight_angle'] is None
 
-  changed = run_script([*args, '--config.num_epochs=3', '--config.homeo_coef=0'])
+  changed = run_feedback([*args, '--config.num_epochs=3', '--config.homeo_coef=0'])
   assert changed.returncode == 1 and 'different config (homeo_coef)' in changed.stderr

@@ -1,4 +1,4 @@
-"""The estimators of common.py against exact linear algebra on a tiny network (float64).
+"""common.py: the estimators against exact linear algebra on the tiny MLP (float64).
 
 Every reference is computed independently: dense Jacobians with jnp.linalg.solve, autodiff
 through long unrolled dynamics, separate relaxations. Tolerances are far below what a sign
@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 
 import common
-import reference as dense_ref
 import fmnist_mlp as m
-from tiny import BATCH, dense, exact_and_rbp, free_fixed_point, sample, tie, tiny_mlp
+from helpers import (BATCH, assert_trees_close, dbeta_s_dense, exact_and_rbp, flatten,
+                     free_fixed_point, mlp_dense, rbp_delta_dense, sample, tie, tiny_mlp,
+                     without_count)
 
-
-def net_grads(*args):
-  """The network gradient of the script (without its count of dropped samples)."""
-  return m.network_grads(*args)[0]
+mlp_grads = without_count(m.network_grads)  # the MLP's gradient (without the dropped count)
 
 
 # ------------------------------------------------------------------------ fixed point
@@ -80,8 +78,8 @@ def test_exact_dbeta_equals_the_dense_solve(layer_updates):
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
   exact = common.exact_dbeta(relax)
   for i in range(BATCH):
-    k, d, g = dense(config, params, x, labels, u_free, i)
-    reference = dense_ref.dbeta_s_dense(k, d, g)
+    k, d, g = mlp_dense(config, params, x, labels, u_free, i)
+    reference = dbeta_s_dense(k, d, g)
     np.testing.assert_allclose(sample(exact, i), reference, rtol=1e-9, atol=1e-12)
     assert np.linalg.norm(reference) > 1e-3
 
@@ -91,12 +89,12 @@ def test_cauchy_estimate_converges_with_n_as_predicted(layer_updates):
   config, params, x, labels = tiny_mlp(layer_updates=layer_updates)
   u_free = free_fixed_point(config, params, x)
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
-  exact = dense_ref.flatten(common.exact_dbeta(relax))
+  exact = flatten(common.exact_dbeta(relax))
   s0 = m.activate(u_free)
 
   @functools.lru_cache(maxsize=None)
   def estimator(n):
-    return jax.jit(lambda beta: dense_ref.flatten(common.cauchy_estimate(relax, s0, beta, n)))
+    return jax.jit(lambda beta: flatten(common.cauchy_estimate(relax, s0, beta, n)))
 
   def error(n, beta):
     estimate = estimator(n)(beta)
@@ -167,18 +165,18 @@ def test_continuous_time_estimate_converges_to_the_cauchy_estimate():
   u_free = free_fixed_point(config, params, x)
   relax = m.nudged_relaxation(config, params, x_drive, labels, u_free)
   beta, n = 0.5, 4
-  cauchy = dense_ref.flatten(common.cauchy_estimate(relax, m.activate(u_free), beta, n))
+  cauchy = flatten(common.cauchy_estimate(relax, m.activate(u_free), beta, n))
   # Eq. 9's limit for N points: the mean over the circle, s*_0 + O(|beta|^N).
   circle = [relax(jnp.asarray(beta * np.exp(2j * np.pi * k / n))) for k in range(n)]
-  s_mean = dense_ref.flatten(jax.tree_util.tree_map(lambda *a: sum(a).real / n, *circle))
-  assert float(jnp.linalg.norm(s_mean - dense_ref.flatten(m.activate(u_free)))) < 1e-2
+  s_mean = flatten(jax.tree_util.tree_map(lambda *a: sum(a).real / n, *circle))
+  assert float(jnp.linalg.norm(s_mean - flatten(m.activate(u_free)))) < 1e-2
   step = m.make_step(config, params, x_drive, labels)
 
   def errors(steps_per_point, periods):
     s_bar, e_bar = common.continuous_time_estimate(
         step, m.zeros_state(config, BATCH), m.activate, beta, n, steps_per_point, periods)
-    return (float(jnp.linalg.norm(dense_ref.flatten(e_bar) - cauchy) / jnp.linalg.norm(cauchy)),
-            float(jnp.linalg.norm(dense_ref.flatten(s_bar) - s_mean) / jnp.linalg.norm(s_mean)))
+    return (float(jnp.linalg.norm(flatten(e_bar) - cauchy) / jnp.linalg.norm(cauchy)),
+            float(jnp.linalg.norm(flatten(s_bar) - s_mean) / jnp.linalg.norm(s_mean)))
 
   # Two errors: the transient from zeros, which fades like 1 / periods, and the lag of the
   # state behind each switch of beta, which fades like 1 / steps_per_point (Eq. 7 assumes
@@ -197,7 +195,7 @@ def test_tied_weights_make_k_symmetric_and_hep_equal_rbp():
   params = tie(params)
   u_free, exact, delta = exact_and_rbp(config, params, x, labels)
   for i in range(BATCH):
-    k, d, g = dense(config, params, x, labels, u_free, i)
+    k, d, g = mlp_dense(config, params, x, labels, u_free, i)
     np.testing.assert_allclose(k, k.T, atol=1e-14)
     np.testing.assert_allclose(sample(exact, i), sample(delta, i), rtol=1e-8, atol=1e-12)
     assert common.symmetry_measure(k - jnp.eye(len(k))) == pytest.approx(1.0, abs=1e-12)
@@ -207,8 +205,8 @@ def test_untied_weights_obey_the_exact_form_of_eq_10():
   config, params, x, labels = tiny_mlp(alpha=80.0)
   u_free, exact, delta = exact_and_rbp(config, params, x, labels)
   for i in range(BATCH):
-    k, d, g = dense(config, params, x, labels, u_free, i)
-    np.testing.assert_allclose(sample(delta, i), dense_ref.rbp_delta_dense(k, d, g), rtol=1e-9,
+    k, d, g = mlp_dense(config, params, x, labels, u_free, i)
+    np.testing.assert_allclose(sample(delta, i), rbp_delta_dense(k, d, g), rtol=1e-9,
                                atol=1e-12)
     n = len(k)
     predicted = jnp.linalg.solve(jnp.eye(n) - d[:, None] * k,
@@ -233,27 +231,22 @@ def _unrolled_loss_grads(config, params, x, labels, steps):
   return jax.grad(loss)(params)
 
 
-def _assert_trees_close(a, b, rtol):
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max() + 1e-15)
-
-
 def test_rbp_gradient_equals_the_implicit_function_gradient():
   config, params, x, labels = tiny_mlp(alpha=70.0)
   x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
   delta = m.rbp_error(config, params, x_drive, labels, u_free)
-  rbp = net_grads(params, x, m.activate(u_free), delta)
+  rbp = mlp_grads(params, x, m.activate(u_free), delta)
   # Reference 1: Eq. 4 with a dense solve per sample, through the same parameter VJP.
-  dense_delta = [dense(config, params, x, labels, u_free, i) for i in range(BATCH)]
-  dense_delta = np.stack([dense_ref.rbp_delta_dense(*q) for q in dense_delta])
+  dense_delta = [mlp_dense(config, params, x, labels, u_free, i) for i in range(BATCH)]
+  dense_delta = np.stack([rbp_delta_dense(*q) for q in dense_delta])
   splits = np.cumsum(config.hidden_sizes)
   dense_delta = tuple(jnp.asarray(a) for a in np.split(dense_delta, splits, axis=1))
-  _assert_trees_close(rbp, net_grads(params, x, m.activate(u_free), dense_delta), 1e-9)
+  assert_trees_close(rbp, mlp_grads(params, x, m.activate(u_free), dense_delta), 1e-9)
   # Reference 2: reverse-mode autodiff through 600 unrolled steps of the dynamics.
   unrolled = _unrolled_loss_grads(config, params, x, labels, 600)
-  _assert_trees_close({k: rbp[k] for k in ('forward', 'backward')},
-                      {k: unrolled[k] for k in ('forward', 'backward')}, 1e-8)
+  assert_trees_close({k: rbp[k] for k in ('forward', 'backward')},
+                     {k: unrolled[k] for k in ('forward', 'backward')}, 1e-8)
 
 
 def test_hep_gradient_differs_from_the_true_one_only_through_asymmetry():
@@ -262,7 +255,7 @@ def test_hep_gradient_differs_from_the_true_one_only_through_asymmetry():
     x_drive = m.input_drive(p, x)
     u_free = free_fixed_point(config, p, x)
     exact = common.exact_dbeta(m.nudged_relaxation(config, p, x_drive, labels, u_free))
-    hep = net_grads(p, x, m.activate(u_free), exact)
+    hep = mlp_grads(p, x, m.activate(u_free), exact)
     true = _unrolled_loss_grads(config, p, x, labels, 600)
     hep_w, true_w = hep['forward'][0]['w'], true['forward'][0]['w']
     close = np.allclose(hep_w, true_w, rtol=1e-8, atol=1e-10 * np.abs(true_w).max())
@@ -285,18 +278,18 @@ def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
     for _ in range(m.steps_for(config, 3)):
       u = step(u)
     return m.readout_loss(p, m.sigma(u[-1]), labels)[0]
-  _assert_trees_close(short, jax.grad(unrolled)(params), 1e-12)
+  assert_trees_close(short, jax.grad(unrolled)(params), 1e-12)
   if layer_updates == 'synchronous':  # BPTT over T steps from u* = RBP with T iterations
     delta = m.rbp_error(config, params, x_drive, labels, u_free)
-    _assert_trees_close({k: short[k] for k in ('forward', 'backward')},
-                        {k: net_grads(params, x, m.activate(u_free), delta)[k]
-                         for k in ('forward', 'backward')}, 1e-9)
+    assert_trees_close({k: short[k] for k in ('forward', 'backward')},
+                       {k: mlp_grads(params, x, m.activate(u_free), delta)[k]
+                        for k in ('forward', 'backward')}, 1e-9)
   config.t_nudge = 400
   long = m.bptt_grads(config, params, x, labels, u_free)
   delta = m.rbp_error(config, params, x_drive, labels, u_free)
-  rbp = net_grads(params, x, m.activate(u_free), delta)
-  _assert_trees_close({k: long[k] for k in ('forward', 'backward')},
-                      {k: rbp[k] for k in ('forward', 'backward')}, 1e-8)
+  rbp = mlp_grads(params, x, m.activate(u_free), delta)
+  assert_trees_close({k: long[k] for k in ('forward', 'backward')},
+                     {k: rbp[k] for k in ('forward', 'backward')}, 1e-8)
 
 
 # ------------------------------------------------------------------ homeostatic loss
@@ -304,7 +297,7 @@ def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
 def _exact_homeo(config, params, x, labels, u_free):
   values = []
   for i in range(BATCH):
-    k, _, _ = dense(config, params, x, labels, u_free, i)
+    k, _, _ = mlp_dense(config, params, x, labels, u_free, i)
     values.append(common.homeostatic_loss_exact(k - jnp.eye(len(k))))
   return float(np.mean(values))
 
@@ -316,7 +309,7 @@ def test_homeostatic_estimator_is_unbiased_for_the_exact_asymmetry():
   s = m.activate(u_free)
   exact = _exact_homeo(config, params, x, labels, u_free)
   # 2 ||A||^2 / n, A the skew part of K: the expected value the docstring promises.
-  k, _, _ = dense(config, params, x, labels, u_free, 0)
+  k, _, _ = mlp_dense(config, params, x, labels, u_free, 0)
   a = (k - k.T) / 2
   assert common.homeostatic_loss_exact(k - jnp.eye(len(k))) == pytest.approx(
       2 * float(jnp.sum(a ** 2)) / len(k), rel=1e-12)
@@ -352,8 +345,8 @@ def test_mlp_jacobian_is_the_weights_so_homeostasis_is_weight_alignment():
   and the exact homeostatic loss 2||A||^2/n is sum_l ||B_l - W_{l+1}^T||_F^2 / n."""
   config, params, x, labels = tiny_mlp(alpha=50.0)
   u_free = free_fixed_point(config, params, x)
-  k0, d0, _ = dense(config, params, x, labels, u_free, 0)
-  k1, d1, _ = dense(config, params, x, labels, u_free, 1)  # another image, another state
+  k0, d0, _ = mlp_dense(config, params, x, labels, u_free, 0)
+  k1, d1, _ = mlp_dense(config, params, x, labels, u_free, 1)  # another image, another state
   assert np.abs(d0 - d1).max() > 1e-2
   np.testing.assert_allclose(k0, k1, atol=1e-14)
   alignment = sum(float(jnp.sum((b['w'] - params['forward'][l + 1]['w'].T) ** 2))
@@ -386,8 +379,7 @@ def _hold_end_setup(layer_updates):
 
 def _rel(a, b):
   """||a - b|| / ||b|| over all leaves of two pytrees."""
-  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
-  a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
+  a, b = flatten(a), flatten(b)
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
@@ -432,12 +424,12 @@ def test_hold_end_estimate_is_d_beta_s_star_for_a_small_nudge():
   config, params, x, labels, u_free, _, estimate = _hold_end_setup('synchronous')
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
   exact = common.exact_dbeta(relax)
-  true_grads = net_grads(params, x, m.activate(u_free), exact)
+  true_grads = mlp_grads(params, x, m.activate(u_free), exact)
   for n in (2, 4):
     u_bar, e_bar = estimate(1e-3, n)
     assert _rel(e_bar, exact) < 1e-5, (n, _rel(e_bar, exact))
     # What the training scripts do with it: the VJP of the drive at sigma(u_bar).
-    grads = net_grads(params, x, m.activate(u_bar), e_bar)
+    grads = mlp_grads(params, x, m.activate(u_bar), e_bar)
     assert _rel(grads, true_grads) < 1e-5, (n, _rel(grads, true_grads))
   with pytest.raises(ValueError, match='N >= 2'):
     common.hold_end_estimate(None, u_free, m.activate, 0.5, 1, 10, 1)

@@ -1,6 +1,6 @@
-"""imagenet32_conv.py: process shards and process fields (harness.py), config checks, and
-end to end on TFDS mock data in one process and in two processes on localhost (CPU
-collectives), with a process killed.
+"""imagenet32_conv.py: process fields (harness.py), config checks, and end to end on TFDS
+mock data in one process and in two processes on localhost (CPU collectives), with a process
+killed. (The process shards of an epoch, harness.py alone: tests/test_harness.py.)
 
 ImageNet cannot be downloaded here; tests/imagenet_run.py runs the script's own command line
 (harness.run_main) inside tfds.testing.mock_data (fake examples, deterministic per index).
@@ -19,42 +19,7 @@ import cifar_conv
 import harness
 import imagenet32_conv
 from configs import imagenet32 as imagenet32_config
-from scripts import TEST_XLA_FLAGS, TWO_DEVICES, ROOT, read_rows
-
-
-# ----------------------------------------------------------------- shards of the data
-
-@pytest.mark.parametrize('num_examples, batch_size, processes', [(1000, 64, 2), (999, 60, 3),
-                                                                  (64, 16, 4)])
-def test_process_shards_of_an_epoch_are_disjoint_and_form_the_global_batches(
-    num_examples, batch_size, processes):
-  shares = [harness.process_batch_indices(num_examples, batch_size, 7, 3, p, processes)
-            for p in range(processes)]
-  one = harness.process_batch_indices(num_examples, batch_size, 7, 3, 0, 1)
-  steps = num_examples // batch_size
-  for share in shares:
-    assert share.shape == (steps, batch_size // processes)
-  # Global batch i = the processes' shares of step i, in process order = one process's batch i.
-  np.testing.assert_array_equal(np.concatenate(shares, axis=1), one)
-  everything = np.concatenate([s.ravel() for s in shares])
-  assert len(set(everything)) == len(everything) == steps * batch_size  # disjoint
-  assert set(everything) <= set(range(num_examples))
-  other_epoch = harness.process_batch_indices(num_examples, batch_size, 7, 4, 0, 1)
-  assert not np.array_equal(other_epoch, one)  # reshuffled every epoch
-
-
-@pytest.mark.parametrize('num_examples, batch_size, processes', [(50, 8, 2), (20, 6, 3),
-                                                                  (7, 8, 4)])
-def test_process_eval_blocks_cover_the_split_once_in_equal_numbers_of_calls(
-    num_examples, batch_size, processes):
-  calls = [harness.process_eval_indices(num_examples, batch_size, p, processes)
-           for p in range(processes)]
-  assert len({len(c) for c in calls}) == 1  # collectives: every process calls alike
-  seen = np.concatenate([idx[mask > 0] for c in calls for idx, mask in c])
-  np.testing.assert_array_equal(np.sort(seen), np.arange(num_examples))
-  for c in calls:
-    for idx, mask in c:
-      assert len(idx) == len(mask) == batch_size // processes
+from helpers import ROOT, TEST_XLA_FLAGS, TWO_DEVICES, read_rows, run_script
 
 
 # ----------------------------------------------------------------------- config checks
@@ -124,9 +89,9 @@ def test_the_imagenet_config_is_the_cifar10_one_but_for_the_data_set():
 
 
 def test_the_user_command_fails_fast_without_the_data(tmp_path):
-  out = subprocess.run([sys.executable, 'imagenet32_conv.py', '--config=configs/imagenet32.py',
-                        f'--config.tfds_data_dir={tmp_path}/none', f'--workdir={tmp_path}/w'],
-                       cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
+  out = run_script('imagenet32_conv.py', ['--config=configs/imagenet32.py',
+                                          f'--config.tfds_data_dir={tmp_path}/none',
+                                          f'--workdir={tmp_path}/w'], timeout=120)
   assert out.returncode == 1 and 'Traceback' not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('imagenet32_conv.py: error: imagenet_resized/32x32 is not prepared'), last
@@ -134,16 +99,19 @@ def test_the_user_command_fails_fast_without_the_data(tmp_path):
 
 # ------------------------------------------------ end to end: one process, two processes
 
-SMALL = ['--config=configs/imagenet32.py', '--config.channels=(4,8,8,8)', '--config.t_free=12',
-         '--config.t_nudge=6', '--config.train_size=32', '--config.test_size=20',
-         '--config.batch_size=16', '--config.eval_batch_size=8', '--config.diag_batch_size=4',
-         '--config.diag_symmetry_probes=2', '--config.homeo_draws=2', '--config.data_threads=2',
-         '--config.log_every_steps=1', '--config.num_epochs=2']
+# tests/imagenet_run.py's command line of a short run: a reduced-width network, short
+# relaxations, two epochs of two global batches of 16.
+IMAGENET_SMALL_ARGS = [
+    '--config=configs/imagenet32.py', '--config.channels=(4,8,8,8)', '--config.t_free=12',
+    '--config.t_nudge=6', '--config.train_size=32', '--config.test_size=20',
+    '--config.batch_size=16', '--config.eval_batch_size=8', '--config.diag_batch_size=4',
+    '--config.diag_symmetry_probes=2', '--config.homeo_draws=2', '--config.data_threads=2',
+    '--config.log_every_steps=1', '--config.num_epochs=2']
 
 
 def start(args, xla_flags):
-  return subprocess.Popen([sys.executable, 'tests/imagenet_run.py', *SMALL, *args], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  return subprocess.Popen([sys.executable, 'tests/imagenet_run.py', *IMAGENET_SMALL_ARGS, *args],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, 'XLA_FLAGS': xla_flags})
 
 
