@@ -10,6 +10,10 @@ import http.server
 import json
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +23,7 @@ import numpy as np
 import pytest
 
 import harness
+import helpers
 from helpers import Exploit, run_script, snapshot, write_idx
 
 RESUMABLE = ('num_epochs', 'log_every_steps')
@@ -425,3 +430,151 @@ def test_every_script_reports_bad_input_in_one_line_and_writes_nothing(script, c
     assert last.startswith(f'{script}: error: ') and message in last, out.stderr[-2000:]
     assert 'Traceback' not in out.stderr
     assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------- start-up faults
+
+def test_a_finished_run_says_so_and_trains_nothing(caplog):
+  caplog.set_level('INFO')
+  assert not harness.run_is_complete('w', 1, 3)
+  assert not harness.run_is_complete('w', 3, 3) and 'resuming from w after epoch 2' in caplog.text
+  assert harness.run_is_complete('w', 4, 3) and 'this run is complete (3 epochs)' in caplog.text
+  assert harness.run_is_complete('w', 100, 3)  # a checkpoint past num_epochs: nothing to train
+
+
+def test_resuming_raises_no_warning(tmp_path):
+  import warnings  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'run')
+  a_run_after_one_epoch(path)
+  template = ({'w': jnp.zeros((3, 2), jnp.float32), 'b': [jnp.zeros(2, jnp.float32)]},
+              {'count': jnp.zeros((), jnp.int32)})
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # numpy's DeprecationWarning of np.result_type(jax array)
+    harness.Workdir(path, config(), RESUMABLE).restore(template)
+
+
+def test_progress_lines_give_the_whole_runs_eta(caplog):
+  caplog.set_level('INFO')
+  progress = harness.Progress(epoch=1, steps=4, batch_size=2, log_every=2, max_train_loss=5.0,
+                              num_epochs=10)
+  for _ in range(2):
+    progress.add({'loss': np.array([1.0]), 'accuracy': np.array([0.5])})
+  assert 'step 2/4' in caplog.text and '(run ' in caplog.text and ' h)' in caplog.text
+
+
+MLP_ARGS = ['--config=configs/fmnist_mlp.py', '--config.hidden_sizes=(8,8)']
+CLI_CASES = [
+    (['--config.hidden_sizes=(16,16)', '--config.hidden_sizes=(16,16)'],
+     '--config.hidden_sizes given more than once'),
+    (['--config=configs/no_such_file.py'], 'the config file configs/no_such_file.py does not exist'),
+]
+
+
+@pytest.mark.parametrize('args,message', CLI_CASES)
+def test_command_line_mistakes_are_one_line(args, message, tmp_path):
+  out = run_script('fmnist_mlp.py', [*MLP_ARGS, *args, f'--workdir={tmp_path / "run"}'])
+  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == f'fmnist_mlp.py: error: {message}'
+  assert 'Traceback' not in out.stderr and not (tmp_path / 'run').exists()
+
+
+def conv_args(data_dir, **overrides):
+  """A tiny cifar_conv.py run on Fashion-MNIST-32 look-alikes."""
+  fields = dict(dataset='fashion_mnist', data_dir=data_dir, channels='(4,4,4,4)', t_free=5,
+                t_nudge=3, batch_size=16, train_size=64, test_size=32, eval_batch_size=16,
+                diag_batch_size=4, num_epochs=1, log_every_steps=0)
+  fields.update(overrides)
+  return ['--config=configs/cifar10.py', *(f'--config.{k}={v}' for k, v in fields.items())]
+
+
+def test_a_failed_start_writes_nothing(idx_dir, tmp_path):
+  """Checks that need the data fail before the workdir is created (a corrected command then
+  starts in the same --workdir)."""
+  workdir = tmp_path / 'run'
+  for args, message in (
+      (conv_args(idx_dir, train_size=0, batch_size=256),
+       'batch_size=256 exceeds the 200 training images'),
+      (conv_args(str(tmp_path)), 'Fashion-MNIST IDX files missing')):
+    out = run_script('cifar_conv.py', [*args, f'--workdir={workdir}'])
+    assert out.returncode == 1 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_ctrl_c_ends_with_one_line(idx_dir, tmp_path):
+  # Python's own Ctrl-C handler in the child even where this process ignores SIGINT.
+  argv = ['cifar_conv.py', *conv_args(idx_dir), f'--workdir={tmp_path / "run"}']
+  code = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+          f'sys.argv = {argv!r}; runpy.run_path("cifar_conv.py", run_name="__main__")')
+  proc = subprocess.Popen([sys.executable, '-c', code], cwd=helpers.ROOT,
+                          stderr=subprocess.PIPE, text=True)
+  for line in proc.stderr:  # compiling the train step takes seconds: interrupt it there
+    if 'workdir:' in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  err = proc.stderr.read()
+  assert proc.wait(timeout=120) == 130
+  assert err.strip().splitlines()[-1] == 'cifar_conv.py: interrupted; resume with the same command'
+  assert 'Traceback' not in err
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start(i, port, tmp_path, idx_dir, *extra, workdir=None):
+  """Process i of a two-process cifar_conv.py run on localhost."""
+  return subprocess.Popen(
+      [sys.executable, 'cifar_conv.py', *conv_args(idx_dir),
+       f'--config.coordinator_address=127.0.0.1:{port}', '--config.num_processes=2',
+       f'--config.process_id={i}', '--config.process_timeout_s=5',
+       f'--workdir={workdir or tmp_path / f"run{i}"}', *extra],
+      cwd=helpers.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def last_lines(procs, timeout=120):
+  """Each process's exit code and last stderr line; none may hang or dump a stack."""
+  out = []
+  for proc in procs:
+    err = proc.communicate(timeout=timeout)[1]
+    assert 'Traceback' not in err and 'Check failure' not in err and 'Fatal' not in err, err[-3000:]
+    out.append((proc.returncode, err.strip().splitlines()[-1]))
+  return out
+
+
+def test_processes_started_with_different_flags_all_stop_at_once(idx_dir, tmp_path):
+  port = free_port()
+  procs = [start(0, port, tmp_path, idx_dir), start(1, port, tmp_path, idx_dir, '--config.seed=1')]
+  message = ('cifar_conv.py: error: process 1 was started with another config than process 0: '
+             'start every process with the same flags')
+  assert last_lines(procs) == [(1, message), (1, message)]
+
+
+def test_a_damaged_checkpoint_of_process_0_stops_every_process(idx_dir, tmp_path):
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'checkpoint.npz').write_bytes(b'garbage')
+  port = free_port()
+  (rc0, line0), (rc1, line1) = last_lines([
+      start(0, port, tmp_path, idx_dir, workdir=tmp_path / 'bad'),
+      start(1, port, tmp_path, idx_dir)])
+  assert rc0 == rc1 == 1
+  assert 'is damaged or not a checkpoint' in line0
+  assert line1.startswith('cifar_conv.py: error: process 0 stopped: ') and 'is damaged' in line1
+
+
+def test_a_process_without_process_0_stops_after_the_timeout(idx_dir, tmp_path):
+  [(rc, line)] = last_lines([start(1, free_port(), tmp_path, idx_dir)], timeout=60)
+  assert rc == 1 and 'process 0 is not listening at 127.0.0.1:' in line and 'after 5 s' in line
+
+
+def test_a_bad_or_busy_coordinator_port_is_one_line(idx_dir, tmp_path):
+  [(rc, line)] = last_lines([start(0, 'http', tmp_path, idx_dir)])
+  assert rc == 1 and 'coordinator_address must be host:port with a port in 1..65535' in line
+  with socket.socket() as busy:
+    busy.bind(('127.0.0.1', 0))
+    busy.listen()
+    [(rc, line)] = last_lines([start(0, busy.getsockname()[1], tmp_path, idx_dir)])
+  assert rc == 1 and 'of coordinator_address is in use on this machine' in line
