@@ -18,7 +18,7 @@ Conventions
   with D = diag(sigma'(u*)).
 
 The dense Jacobian diagnostics at the bottom are for small networks; the exact references
-the tests compare against (dense solves) live in tests/reference.py.
+the tests compare against (dense solves) live in tests/helpers.py.
 """
 import math
 
@@ -341,7 +341,7 @@ def homeostatic_loss(drive, s, noise):
 
 # ------------------------------------------- dense Jacobian diagnostics (small networks)
 # Used by the training scripts' per-epoch diagnostics on a few samples; the exact references
-# that only tests need (dense solves) live in tests/reference.py.
+# that only tests need (dense solves) live in tests/helpers.py.
 
 def flat_jacobian(fn, x):
   """Dense Jacobian of a pytree -> pytree map for ONE sample (leading batch axis of size 1)."""

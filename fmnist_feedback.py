@@ -28,7 +28,7 @@ every state, and because the graph is a cycle of length >= 3, tr(K) = tr(K^2) = 
 expected value (||J||^2 - tr J^2) / n is then ||K||_F^2 / n: the summed squares of the three
 recurrent weight matrices (feedforward l1->l2, l2->out and the feedback), divided by the
 number of units. Its gradient shrinks them; the symmetric part of J is dominated by -I, so
-the symmetry measure rises as ||K|| falls. (Tested in tests/test_feedback.py.)
+the symmetry measure rises as ||K|| falls. (Tested in tests/test_fmnist_feedback.py.)
 """
 import os
 
