@@ -654,14 +654,11 @@ def make_diagnostics(config, stats):
 # ======================================================================================
 # Data
 # ======================================================================================
-# A split is anything with len() and read(indices) -> (uint8 images (n, 32, 32, 3), int32
-# labels): CIFAR and Fashion-MNIST-32 are held in memory (MemorySplit), ImageNet is read from
-# disk (imagenet32_conv.Split). Every batch is augmented and normalised on the device inside
-# the jitted step, so the host only gathers rows.
-#
-# Normalisation (the authors' convention): per-channel mean, and std multiplied by 1.5.
-# CIFAR-100 uses the CIFAR-10 constants, as the authors do. Fashion-MNIST-32 (used to check
-# that the convnet learns without internet) uses the Fashion-MNIST pixel mean and std.
+# A split has len() and read(indices) -> (uint8 images (n, 32, 32, 3), int32 labels): in
+# memory here (MemorySplit), read from disk for ImageNet (imagenet32_conv.Split). Batches are
+# augmented and normalised on the device, inside the jitted step. Normalisation (the
+# authors'): per-channel mean, std times 1.5; CIFAR-100 uses CIFAR-10's constants, as the
+# authors do; Fashion-MNIST-32 (a check without internet) its own pixel mean and std.
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = tuple(1.5 * s for s in (0.2023, 0.1994, 0.2010))
@@ -866,17 +863,11 @@ def default_workdir(config, script=SCRIPT):
 # ======================================================================================
 
 def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, script=SCRIPT):
-  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics rows.
-
-  Order of work: join the other processes (if any), check the config, the workdir and the
-  data (each bad input is one ConfigError line, and nothing is written before all pass),
-  then compile and train. Every epoch ends with one metrics row and an atomic checkpoint
-  (written by process 0); a rerun with the same workdir resumes after the last checkpoint,
-  in every process. imagenet32_conv.py runs this loop with its own datasets and loader.
-  """
+  """Trains for config.num_epochs epochs; returns the per-epoch metrics rows. Every check
+  passes before anything is written or compiled (several processes stop together on any
+  one's problem); every epoch ends with a metrics row and a checkpoint (process 0), from
+  which a rerun resumes. imagenet32_conv.py runs this loop with its own data."""
   process_index, process_count = harness.start_processes(config)
-  # Every check before anything is written or compiled; several processes stop together on
-  # the first problem of any of them (harness.all_or_none).
   path = workdir or default_workdir(config, script)
   num_devices, workdir = harness.all_or_none(lambda: (
       check_config(config, jax.local_device_count(), process_count, datasets),

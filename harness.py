@@ -4,8 +4,8 @@
     workdir         run_config, default_workdir, Workdir (config.json, metrics.jsonl and an
                     npz checkpoint, written atomically; resume; refuses another run's files)
     metrics         Progress (per-step metrics -> log lines and the epoch's row), read_rows
-    processes       start_processes, check_same_config, broadcast, batch / eval indices
-    input           read_idx, prefetch, TFDS preparation checks
+    processes       start_processes, all_or_none, broadcast, batch / eval indices
+    input           read_idx, load_fashion_mnist, read_batches, prefetch, TFDS preparation
     command line    parse_flags, run_main (one-line errors and exit codes)
 
 The scripts hand in what differs between them (the fields a resumed run may change, the
@@ -22,7 +22,6 @@ import logging as std_logging
 import math
 import os
 import platform
-import queue
 import socket
 import subprocess
 import sys
@@ -672,69 +671,29 @@ def load_fashion_mnist(folder):
   return out
 
 
-def read_batches(split, index_batches, threads=1):
-  """split.read(indices) of each index array in turn, on `threads` threads, at most
-  2 * threads reads ahead of the consumer (decoding releases the GIL)."""
+def map_ahead(fn, items, threads=1, ahead=2):
+  """fn(item) for each item in order, computed up to `ahead` items ahead of the consumer on
+  `threads` background threads. Exceptions are raised here; closing the generator (leaving a
+  loop early) waits only for the calls in flight."""
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     pending = collections.deque()
-    for idx in index_batches:
-      pending.append(pool.submit(split.read, idx))
-      if len(pending) > 2 * threads:
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) > ahead:
         yield pending.popleft().result()
     while pending:
       yield pending.popleft().result()
 
 
-_END = object()
-
-
-class _Raised:
-
-  def __init__(self, error):
-    self.error = error
+def read_batches(split, index_batches, threads=1):
+  """split.read of each index array in turn, on `threads` threads (decoding releases the GIL)."""
+  return map_ahead(split.read, index_batches, threads, 2 * threads)
 
 
 def prefetch(iterator, put=jax.device_put, size=2):
-  """Yields put(item) for the items of `iterator`, computed `size` items ahead in a thread.
-
-  `put` moves a batch to the device(s); the host gathers and copies the next batches while
-  the device runs the current step. Exceptions of the iterator or of `put` are raised here;
-  closing the generator (or leaving the loop early) stops the thread.
-  """
-  items = queue.Queue(maxsize=size)
-  stop = threading.Event()
-
-  def offer(item):
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def produce():
-    try:
-      for item in iterator:
-        if not offer(put(item)):
-          return
-      offer(_END)
-    except BaseException as e:  # pylint: disable=broad-except
-      offer(_Raised(e))
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = items.get()
-      if item is _END:
-        return
-      if isinstance(item, _Raised):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
-    thread.join()
+  """put(item) of each item (e.g. onto the devices) `size` items ahead on a background thread:
+  the host prepares the next batches while the devices compute."""
+  return map_ahead(put, iterator, 1, size)
 
 
 def url_reachable(url, timeout_s=3.0):
