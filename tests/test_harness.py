@@ -99,6 +99,9 @@ WORKDIR_CASES = {
     'config.json of another run': ('config.json', b'{"seed": 1}', 'different config .*seed'),
     'bad metrics line': ('metrics.jsonl', b'{"epoch": 1}\nnot json\n', 'line 2 is not a metrics'),
     'metrics row without epoch': ('metrics.jsonl', b'{"loss": 1}\n', 'line 1 is not a metrics'),
+    'metrics of random bytes': ('metrics.jsonl', bytes(range(256)), 'line 1 is not a metrics'),
+    'metrics with a repeated epoch': ('metrics.jsonl', b'{"epoch": 1}\n{"epoch": 1}\n',
+                                      'line 2 repeats epoch 1'),
 }
 
 
@@ -429,6 +432,7 @@ def test_every_script_reports_bad_input_in_one_line_and_writes_nothing(script, c
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f'{script}: error: ') and message in last, out.stderr[-2000:]
     assert 'Traceback' not in out.stderr
+    assert "Unable to initialize backend 'tpu'" not in out.stderr  # reads like an error
     assert not workdir.exists()
 
 
