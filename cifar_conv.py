@@ -698,19 +698,7 @@ def load_tfds(name, data_dir, url):
   with TensorFlow instead.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  # No file_format here: TFDS refuses one that differs from already prepared data's.
-  builder = tfds.builder(name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    problem = harness.preparation_problem(name, builder.data_dir, url)
-    if problem:
-      raise harness.ConfigError(problem)
-    try:  # from the original tarball (TFDS's GCS copies are tfrecord only)
-      builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception as e:  # pylint: disable=broad-except
-      raise harness.ConfigError(f'preparing {name} in {builder.data_dir} failed '
-                                f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
+  builder = harness.tfds_builder(name, data_dir, url)
   out = {}
   for split in ('train', 'test'):
     try:

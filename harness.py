@@ -740,6 +740,28 @@ def preparation_problem(name, data_dir, url):
   return None
 
 
+def tfds_builder(name, data_dir, url, prepare=True):
+  """The TFDS builder of data set `name` in data_dir ('' = TFDS's default), downloaded and
+  prepared as array_record from `url`'s source (not TFDS's GCS copies, which are tfrecord
+  only) unless it is prepared or `prepare` is False; where it cannot be prepared, one line
+  within seconds (preparation_problem)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # No file_format here: TFDS refuses one that differs from already prepared data's.
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if prepare and not builder.is_prepared():
+    problem = preparation_problem(name, builder.data_dir, url)
+    if problem:
+      raise ConfigError(problem)
+    try:
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f'preparing {name} in {builder.data_dir} failed '
+                        f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
+  return builder
+
+
 # ----------------------------------------------------------------------------- command line
 
 def one_line(error):

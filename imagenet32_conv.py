@@ -78,25 +78,10 @@ class Split:
 
 
 def prepare_tfds(config):
-  """Downloads and prepares the data set (ArrayRecord) if needed, in process 0 only; returns
-  the TFDS builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """The TFDS builder; process 0 downloads and prepares the data set if needed."""
   info = DATASETS[config.dataset]
-  name = info['tfds_name']
-  # No file_format here: TFDS refuses one that differs from already prepared data's.
-  builder = tfds.builder(name, data_dir=config.tfds_data_dir or None)
-  if jax.process_index() == 0 and not builder.is_prepared():
-    problem = harness.preparation_problem(name, builder.data_dir, info['url'])
-    if problem:
-      raise harness.ConfigError(problem)
-    try:
-      builder.download_and_prepare(
-          file_format='array_record',
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    except Exception as e:  # pylint: disable=broad-except
-      raise harness.ConfigError(f'preparing {name} in {builder.data_dir} failed '
-                                f'[{type(e).__name__}: {str(e).splitlines()[0]}]') from e
-  return builder
+  return harness.tfds_builder(info['tfds_name'], config.tfds_data_dir, info['url'],
+                              prepare=jax.process_index() == 0)
 
 
 def load_data(config):
