@@ -25,8 +25,8 @@ span every device of every process; process 0 alone writes the workdir and, at s
 broadcasts its checkpoint. See imagenet32_conv.py for the command lines.
 """
 import collections
-import os
 import math
+import os
 
 from absl import logging
 import jax
