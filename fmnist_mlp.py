@@ -387,15 +387,11 @@ def make_eval_step(config, net=MLP):
 
 
 def evaluate(eval_step, params, data, config, num_devices):
-  """Test error in % over the whole split (the last batch is padded with zeros and masked)."""
+  """Test error in % over the whole split (the last batch padded and masked)."""
   x, y = data
-  per_call = config.eval_batch_size
   wrong = 0
-  for start in range(0, len(x), per_call):
-    xb, yb = x[start:start + per_call], y[start:start + per_call]
-    pad = per_call - len(xb)
-    mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
-    batch = (np.pad(xb, ((0, pad), (0, 0))), np.pad(yb, (0, pad)), mask)
+  for idx, mask in harness.process_eval_indices(len(x), config.eval_batch_size):
+    batch = (x[idx], y[idx], mask)
     wrong += float(eval_step(params, *(harness.shard(a, num_devices) for a in batch))[0])
   return 100.0 * wrong / len(x)
 
