@@ -104,18 +104,32 @@ def softmax_pool(x):
   return jnp.sum(e * x, axis=(2, 4)) / jnp.sum(e, axis=(2, 4))
 
 
-def real_conv(s, w, padding):
+def patch_convs():
+  """True on CPU: convolutions are computed as a patch matrix times the kernel.
+
+  XLA:CPU's convolution kernels run this network's shapes far below its matmul rate (the
+  reduced network at ~5 % of it; the input gradient of the last layer's small VALID
+  convolution ~100x slower than its forward pass), while one matmul over the 3x3 patches
+  runs near that rate (README, Performance). On GPUs the convolution libraries are the
+  fast path and patches would cost 9x the memory, so lax.conv is kept there. The check is
+  the backend's (no flag), made when the step is traced.
+  """
+  return jax.default_backend() == 'cpu'
+
+
+def real_conv(s, w, padding, as_patches=None):
+  """3x3 convolution, stride 1, NHWC/HWIO, of a real state; as_patches=None: patch_convs()."""
   w = w.astype(s.dtype)
-  if padding == 'VALID':
-    # The last layer (4x4 -> 2x2) as a patch matrix times the kernel: XLA:CPU's input
-    # gradient of so small a VALID convolution is ~100x slower (README, Performance).
-    kh, kw = w.shape[:2]
-    h, wd = s.shape[1] - kh + 1, s.shape[2] - kw + 1
-    patches = jnp.concatenate([s[:, a:a + h, b:b + wd] for a in range(kh) for b in range(kw)],
-                              axis=-1)  # (batch, h, wd, kh * kw * C_in), HWIO order
-    return patches @ w.reshape(-1, w.shape[-1])
-  return jax.lax.conv_general_dilated(s, w, (1, 1), padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if not (patch_convs() if as_patches is None else as_patches):
+    return jax.lax.conv_general_dilated(s, w, (1, 1), padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  kh, kw = w.shape[:2]
+  if padding == 'SAME':
+    s = jnp.pad(s, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  h, wd = s.shape[1] - kh + 1, s.shape[2] - kw + 1
+  patches = jnp.concatenate([s[:, a:a + h, b:b + wd] for a in range(kh) for b in range(kw)],
+                            axis=-1)  # (batch, h, wd, kh * kw * C_in), HWIO order
+  return patches @ w.reshape(-1, w.shape[-1])
 
 
 def conv(s, w, padding):
@@ -404,7 +418,7 @@ def homeostatic_grads(config, params, x, s_free, noise):
   s_fixed = jax.lax.stop_gradient(s_free)
   noise = jax.tree_util.tree_map(lambda e, s: e.astype(s.dtype), noise, s_fixed)
   loss = lambda p: common.homeostatic_loss(
-      lambda s: drives(p, s, input_drive(p, x)), s_fixed, noise)
+      lambda s, x_drive: drives(p, s, x_drive), s_fixed, input_drive(p, x), noise)
   value, grads = jax.value_and_grad(loss)(params)
   return value, jax.tree_util.tree_map(lambda g: config.homeo_coef * g, grads)
 
@@ -643,7 +657,8 @@ def make_diagnostics(config, stats):
     out.update(
         symmetry=jnp.mean(symmetry_estimate(params, s_free, x_drive, key,
                                             config.diag_symmetry_probes)),
-        homeo_loss=common.homeostatic_loss(lambda s: drives(params, s, x_drive), s_free, noise),
+        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(params, s, xd), s_free, x_drive,
+                                           noise),
         weight_angle=weight_angles(params),
         loss=readout_loss(params, s_free[-1], labels)[0])
     return out

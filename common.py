@@ -313,30 +313,33 @@ def drop_non_finite_samples(error):
 
 # ---------------------------------------------------------------------- homeostatic loss
 
-def homeostatic_loss(drive, s, noise):
+def homeostatic_loss(drive, s, x, noise):
   """Jacobian homeostasis (Eq. 12, App. A.2), the Hutchinson estimate of the asymmetry.
 
       L_homeo = mean_{samples, draws} (||J e||^2 - e^T J^2 e) / n,   e ~ N(0, I),
 
   with J = dF/ds = dG/ds - I at the state `s` (the free fixed point; pass it through
-  `stop_gradient` so the gradient flows to the parameters only), `drive(s)` = G(s) (the
-  parameters are closed over) and n the number of state units per sample. J e and J (J e)
-  are two JVPs; the full Jacobian is never formed. Its expected value is
-  (||J||_F^2 - tr(J^2)) / n = 2 ||A||_F^2 / n, A = (J - J^T)/2 (the identity in J cancels).
-  This per-unit, sample- and draw-averaged normalisation is the one the paper's lambda
-  values (0.1, 1, 10, 15) were tuned with.
+  `stop_gradient` so the gradient flows to the parameters only), `drive(s, x)` = G(s) for the
+  per-sample inputs `x` (a pytree with a leading batch axis, e.g. the input drive; the
+  parameters are closed over) and n the number of state units per sample. Since
+  e^T J^2 e = (J^T e) . (J e), one JVP (J e) and one VJP (J^T e) per draw suffice; the full
+  Jacobian is never formed. Its expected value is (||J||_F^2 - tr(J^2)) / n
+  = 2 ||A||_F^2 / n, A = (J - J^T)/2 (the identity in J cancels). This per-unit, sample- and
+  draw-averaged normalisation is the one the paper's lambda values (0.1, 1, 10, 15) were
+  tuned with.
 
-  `noise` has the structure of `s` with an extra leading axis of draws (5 in the paper).
+  `noise` has the structure of `s` with an extra leading axis of draws (5 in the paper). The
+  draws run as extra samples: s and x are repeated once per draw, so that J e and J^T e are
+  one batched product each (one large batch, rather than a vmap over the draws).
   """
-  def field(x):
-    return tree_sub(drive(x), x)
-
-  def one_draw(e):
-    je = jax.jvp(field, (s,), (e,))[1]
-    jje = jax.jvp(field, (s,), (je,))[1]
-    return per_sample_sq_norm(je) - per_sample_dot(e, jje)
-
-  return jnp.mean(jax.vmap(one_draw)(noise)) / units_per_sample(s)
+  draws = jax.tree_util.tree_leaves(noise)[0].shape[0]
+  repeat = lambda tree: jax.tree_util.tree_map(lambda a: jnp.concatenate([a] * draws), tree)
+  s_rep, x_rep = repeat(s), repeat(x)
+  e = jax.tree_util.tree_map(lambda n: n.reshape(-1, *n.shape[2:]), noise)
+  field = lambda z: tree_sub(drive(z, x_rep), z)
+  je = jax.jvp(field, (s_rep,), (e,))[1]
+  jte = jax.vjp(field, s_rep)[1](e)[0]
+  return jnp.mean(per_sample_dot(je, tree_sub(je, jte))) / units_per_sample(s)
 
 
 # ------------------------------------------- dense Jacobian diagnostics (small networks)

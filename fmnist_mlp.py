@@ -297,7 +297,7 @@ def homeostatic_grads(config, params, x, s_free, noise, net=MLP):
   """Gradient of lambda * L_homeo (Eq. 12), J = dF/ds at the free fixed point held fixed."""
   s_fixed = jax.lax.stop_gradient(s_free)
   loss = lambda p: common.homeostatic_loss(
-      lambda s: drives(p, s, input_drive(p, x), net), s_fixed, noise)
+      lambda s, x_drive: drives(p, s, x_drive, net), s_fixed, input_drive(p, x), noise)
   value, grads = jax.value_and_grad(loss)(params)
   return value, jax.tree_util.tree_map(lambda g: config.homeo_coef * g, grads)
 
@@ -431,8 +431,8 @@ def make_diagnostics(config, net=MLP):
     noise = homeostatic_noise(config, jax.random.PRNGKey(0), jnp.arange(x.shape[0]))
     out.update(
         symmetry=jnp.mean(sym), homeo_loss_exact=jnp.mean(homeo_exact),
-        homeo_loss=common.homeostatic_loss(lambda s: drives(params, s, x_drive, net), s_free,
-                                           noise),
+        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(params, s, xd, net), s_free,
+                                           x_drive, noise),
         # None (null in the metrics) where no weight has a transposed partner.
         weight_angle=net.weight_angles(params) if net.weight_angles else None,
         loss=readout_loss(params, s_free[-1], labels)[0])

@@ -262,8 +262,12 @@ def test_conv_is_the_plain_convolution_for_both_paddings_and_complex_states():
   rng = np.random.default_rng(4)
   s = jnp.asarray(rng.standard_normal((2, 6, 6, 3)) + 1j * rng.standard_normal((2, 6, 6, 3)))
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 5)))
+  assert cc.patch_convs() == (jax.default_backend() == 'cpu')
   for padding in ('SAME', 'VALID'):
-    got, got_real = JIT(lambda s, w: (cc.conv(s, w, padding), cc.conv(s.real, w, padding)))(s, w)
+    got, got_real, as_patches, as_conv = JIT(lambda s, w: (
+        cc.conv(s, w, padding), cc.conv(s.real, w, padding),
+        cc.real_conv(s.real, w, padding, as_patches=True),
+        cc.real_conv(s.real, w, padding, as_patches=False)))(s, w)
     # Reference: the convolution written out as sums over the kernel, complex arithmetic.
     pad = 1 if padding == 'SAME' else 0
     sp = np.pad(np.asarray(s), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -273,6 +277,9 @@ def test_conv_is_the_plain_convolution_for_both_paddings_and_complex_states():
     assert got.shape == (2, h, h, 5)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_real, expected.real, rtol=1e-12, atol=1e-12)
+    # Both ways of computing it (patch matrix on CPU, lax.conv elsewhere).
+    np.testing.assert_allclose(as_patches, expected.real, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(as_conv, expected.real, rtol=1e-12, atol=1e-12)
 
 
 def test_softmax_pool_is_holomorphic():
@@ -613,7 +620,7 @@ def test_compute_grads_assembles_every_algorithm():
     # random direction of the parameters (forward mode: independent of the reverse pass).
     noise = cc.homeostatic_noise(configs['hep_exact'], key, ids)
     homeo_loss = lambda p: common.homeostatic_loss(
-        lambda z: cc.drives(p, z, cc.input_drive(p, x)), s_free, noise)
+        lambda z, xd: cc.drives(p, z, xd), s_free, cc.input_drive(p, x), noise)
     references = dict(
         exact=jax.tree_util.tree_map(jnp.add, conv_grads(params, x, s_free, exact),
                                      readout),

@@ -315,7 +315,8 @@ def test_homeostatic_estimator_is_unbiased_for_the_exact_asymmetry():
       2 * float(jnp.sum(a ** 2)) / len(k), rel=1e-12)
   config.homeo_draws = 4000
   noise = m.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
-  estimate = float(common.homeostatic_loss(lambda z: m.drives(params, z, x_drive), s, noise))
+  estimate = float(common.homeostatic_loss(lambda z, xd: m.drives(params, z, xd), s, x_drive,
+                                            noise))
   assert estimate == pytest.approx(exact, rel=0.05)
   assert exact > 1e-3
 

@@ -111,8 +111,8 @@ def test_the_jacobian_has_no_reciprocal_entry_and_homeostasis_is_the_loop_weight
   def estimate(p):
     noise = mlp.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
     x_drive = mlp.input_drive(p, x)
-    return common.homeostatic_loss(lambda s: mlp.drives(p, s, x_drive, net=NET),
-                                   mlp.activate(u_free), noise)
+    return common.homeostatic_loss(lambda s, xd: mlp.drives(p, s, xd, net=NET),
+                                   mlp.activate(u_free), x_drive, noise)
   assert float(estimate(params)) == pytest.approx(norm2 / n, rel=0.05)
 
 
