@@ -314,7 +314,8 @@ def estimator(config):
 
 
 def free_relaxation(config, params, x_drive):
-  """The free phase: T_free steps from zeros. Returns (u_free, log10 of the last update).
+  """The free phase: T_free steps from zeros (fewer with tol > 0). Returns (u_free, log10 of
+  the last update, steps per sample) as common.fixed_point.
 
   With a half-precision free_dtype (App. D.4: "the free phase ... in half precision"), the
   parameters and the input drive are cast once, every step runs in that dtype, and the state
@@ -340,7 +341,7 @@ def nudged_relaxation(config, params, x_drive, labels, u_free):
 
   def relax(beta):
     u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
-    u, _ = common.fixed_point(lambda u: step(u, beta), u0, config.t_nudge)
+    u = common.fixed_point(lambda u: step(u, beta), u0, config.t_nudge)[0]
     return activate(u)
   return relax
 
@@ -397,7 +398,7 @@ def bptt_grads(config, params, x, labels, u_free):
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = make_step(config, p, input_drive(p, x))
-    u, _ = common.fixed_point(step, u_start, config.t_nudge)
+    u = common.fixed_point(step, u_start, config.t_nudge)[0]
     return readout_loss(p, sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
 
@@ -433,7 +434,8 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   2. The readout's own gradient at the free state (it is not part of the dynamics).
   3. The homeostatic gradient (Eq. 12), if homeo_coef > 0.
   Metrics: loss, accuracy (and top5_accuracy for > 5 classes), log10_residual of the free
-  phase, dropped_samples, homeo_loss.
+  phase and its steps per sample (free_steps: the batch mean, free_steps_max: what the batch
+  ran; below T_free only with tol > 0), dropped_samples, homeo_loss.
   """
   x_drive = input_drive(params, x)
   metrics = {}
@@ -443,7 +445,8 @@ def compute_grads(config, params, x, labels, key, sample_ids):
     s_free, error = continuous_estimate(config, params, x_drive, labels)
     grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
   else:
-    u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive)
+    u_free, metrics['log10_residual'], steps = free_relaxation(config, params, x_drive)
+    metrics.update(free_steps=jnp.mean(steps), free_steps_max=jnp.max(steps))
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
     if algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
@@ -563,7 +566,7 @@ def make_eval_step(config, stats):
   over devices."""
   def eval_step(params, images, labels, mask):
     x = normalize(images, *stats)
-    u, _ = free_relaxation(config, params, input_drive(params, x))
+    u, _, _ = free_relaxation(config, params, input_drive(params, x))
     logits = readout_logits(params, sigma(u[-1]))
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     rank = jnp.sum(logits > label_logit, axis=-1)  # classes that beat the label
@@ -640,7 +643,7 @@ def make_diagnostics(config, stats):
   def diagnostics(params, images, labels):
     x = normalize(images, *stats)
     x_drive = input_drive(params, x)
-    u_free, log10_residual = free_relaxation(config, params, x_drive)
+    u_free, log10_residual, _ = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free)
     delta = rbp_error(config, params, x_drive, labels, u_free)

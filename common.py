@@ -72,36 +72,40 @@ def fixed_point(step, u0, num_steps, tol=0.0):
   Runs `num_steps` steps with `lax.fori_loop` (compile time does not grow with the number
   of steps). With `tol > 0` it stops early, through `lax.while_loop`, once every sample's
   ||F(u)|| is below `tol`; the default `tol=0` always runs exactly `num_steps` steps and is
-  reverse-mode differentiable (BPTT).
+  reverse-mode differentiable (BPTT). Early stopping changes a result only by what the
+  remaining steps would have moved it: every sample ends with ||F|| < tol (or at num_steps).
 
-  Returns `(u, log10_residual)`, where the residual is the largest per-sample norm of the
+  Returns `(u, log10_residual, steps)`. The residual is the largest per-sample norm of the
   last update, ||F(u_{T-1})|| = ||u_T - u_{T-1}|| (all leaves together). A run that has
   reached its fixed point has a residual at the level of floating-point noise; NaN or a
-  large value means the dynamics did not converge.
+  large value means the dynamics did not converge. `steps` (int32, per sample) counts the
+  steps up to and including the first whose update was below `tol` (all `num_steps` when
+  tol = 0 or when it was never reached); the batch ran max(steps).
   """
   if num_steps < 1:
     raise ValueError(f'fixed_point needs num_steps >= 1, got {num_steps}')
+  batch = jax.tree_util.tree_leaves(u0)[0].shape[0]
 
-  def residual(new, old):
-    return jnp.sqrt(jnp.max(per_sample_sq_norm(tree_sub(new, old)))).astype(jnp.float32)
+  def residuals(new, old):
+    return jnp.sqrt(per_sample_sq_norm(tree_sub(new, old))).astype(jnp.float32)
 
   if tol > 0:
     def cond(carry):
-      i, _, res = carry
-      return (i < num_steps) & (res > tol)
+      i, _, res, _ = carry
+      return (i < num_steps) & jnp.any(res > tol)
 
     def body(carry):
-      i, u, _ = carry
+      i, u, res, steps = carry
       new = step(u)
-      return i + 1, new, residual(new, u)
+      return i + 1, new, residuals(new, u), steps + (res > tol)
 
-    big = jnp.asarray(jnp.inf, jnp.float32)
-    _, u, res = jax.lax.while_loop(cond, body, (0, u0, big))
+    big = jnp.full((batch,), jnp.inf, jnp.float32)
+    _, u, res, steps = jax.lax.while_loop(cond, body, (0, u0, big, jnp.zeros(batch, jnp.int32)))
   else:
     u = jax.lax.fori_loop(0, num_steps - 1, lambda _, u: step(u), u0)
     new = step(u)
-    u, res = new, residual(new, u)
-  return u, jnp.log10(res + 1e-30)
+    u, res, steps = new, residuals(new, u), jnp.full((batch,), num_steps, jnp.int32)
+  return u, jnp.log10(jnp.max(res) + 1e-30), steps
 
 
 # ------------------------------------------------------------- estimators of d_beta s*

@@ -162,7 +162,7 @@ def fixed_point_errors(net, params, x, labels):
   adjoint fixed point (fmnist_mlp.rbp_error).
   """
   x_drive = fmnist_mlp.input_drive(params, x)
-  u_free, _ = fmnist_mlp.free_relaxation(net, params, x_drive)
+  u_free, _, _ = fmnist_mlp.free_relaxation(net, params, x_drive)
   step = fmnist_mlp.make_step(net, params, x_drive)
   residual = jnp.sqrt(common.per_sample_sq_norm(common.tree_sub(step(u_free), u_free)))
   relax = fmnist_mlp.nudged_relaxation(net, params, x_drive, labels, u_free)

@@ -212,7 +212,8 @@ def estimator(config):
 
 
 def free_relaxation(config, params, x_drive, net=MLP):
-  """The free phase: T_free steps from zeros. Returns (u_free, log10 of the last update)."""
+  """The free phase: T_free steps from zeros (fewer with tol > 0). Returns (u_free, log10 of
+  the last update, steps per sample) as common.fixed_point."""
   step = make_step(config, params, x_drive, net=net)
   u0 = zeros_state(config, x_drive.shape[0])
   return common.fixed_point(step, u0, steps_for(config, config.t_free, net), config.tol)
@@ -224,7 +225,7 @@ def nudged_relaxation(config, params, x_drive, labels, u_free, net=MLP):
 
   def relax(beta):
     u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
-    u, _ = common.fixed_point(lambda u: step(u, beta), u0,
+    u, _, _ = common.fixed_point(lambda u: step(u, beta), u0,
                               steps_for(config, config.t_nudge, net))
     return activate(u)
   return relax
@@ -279,7 +280,7 @@ def bptt_grads(config, params, x, labels, u_free, net=MLP):
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = make_step(config, p, input_drive(p, x), net=net)
-    u, _ = common.fixed_point(step, u_start, steps_for(config, config.t_nudge, net))
+    u = common.fixed_point(step, u_start, steps_for(config, config.t_nudge, net))[0]
     return readout_loss(p, sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
 
@@ -320,7 +321,7 @@ def compute_grads(config, params, x, labels, key, sample_ids, net=MLP):
     s_free, error = continuous_estimate(config, params, x_drive, labels, net)
     grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error, net)
   else:
-    u_free, metrics['log10_residual'] = free_relaxation(config, params, x_drive, net)
+    u_free, metrics['log10_residual'], _ = free_relaxation(config, params, x_drive, net)
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free, net)  # beta -> s*(beta)
     if algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
@@ -380,7 +381,7 @@ def make_eval_step(config, net=MLP):
   """Number of misclassified test images (free phase + readout), summed over devices."""
   def eval_step(params, images, labels, mask):
     x = images.astype(jnp.float32) / 255.0
-    u, _ = free_relaxation(config, params, input_drive(params, x), net)
+    u, _, _ = free_relaxation(config, params, input_drive(params, x), net)
     wrong = jnp.argmax(readout_logits(params, sigma(u[-1])), -1) != labels
     return jax.lax.psum(jnp.sum(wrong * mask), 'batch')
   return jax.pmap(eval_step, axis_name='batch')
@@ -407,7 +408,7 @@ def make_diagnostics(config, net=MLP):
   def diagnostics(params, images, labels):
     x = images.astype(jnp.float32) / 255.0
     x_drive = input_drive(params, x)
-    u_free, log10_residual = free_relaxation(config, params, x_drive, net)
+    u_free, log10_residual, _ = free_relaxation(config, params, x_drive, net)
     s_free = activate(u_free)
     relax = nudged_relaxation(config, params, x_drive, labels, u_free, net)
     delta = rbp_error(config, params, x_drive, labels, u_free, net)

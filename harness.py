@@ -353,7 +353,8 @@ def machine():
 def reduce_metrics(metrics, axis_name='batch'):
   """A step's metrics over every device of every process (inside pmap), so that each process
   logs and stops on the same numbers: sums for counts, the worst residual, means otherwise."""
-  reduce = {'dropped_samples': jax.lax.psum, 'log10_residual': jax.lax.pmax}
+  reduce = {'dropped_samples': jax.lax.psum, 'log10_residual': jax.lax.pmax,
+            'free_steps_max': jax.lax.pmax}
   return {k: reduce.get(k, jax.lax.pmean)(v, axis_name) for k, v in metrics.items()}
 
 
@@ -392,7 +393,8 @@ class Progress:
 
   def row(self, step):
     """The epoch's training metrics: means over its steps, the residual of the worst sample
-    (mean and max over steps), the dropped samples summed, time and throughput."""
+    (mean and max over steps), the free steps a sample needed (mean; max: the most any batch
+    ran), the dropped samples summed, time and throughput."""
     train = {k: np.asarray(jax.device_get(v))[:, 0] for k, v in self.values.items()}
     elapsed = time.time() - self.start
     row = {'epoch': self.epoch, 'step': step, 'train_loss': float(train['loss'].mean()),
@@ -403,6 +405,9 @@ class Progress:
     if 'log10_residual' in train:
       row['log10_residual'] = float(train['log10_residual'].mean())
       row['log10_residual_max'] = float(train['log10_residual'].max())
+    if 'free_steps' in train:  # free steps per sample (< T_free only with early stopping)
+      row['free_steps'] = float(train['free_steps'].mean())
+      row['free_steps_max'] = int(train['free_steps_max'].max())
     if 'homeo_loss' in train:
       row['train_homeo_loss'] = float(train['homeo_loss'].mean())
     if 'dropped_samples' in train:  # non-finite error vectors left out of the gradient

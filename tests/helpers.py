@@ -181,7 +181,7 @@ def tie(params):
 
 def free_fixed_point(config, params, x, net=fmnist_mlp.MLP):
   """The free fixed point u* of an fmnist_mlp.py network (the MLP unless net says otherwise)."""
-  u, res = fmnist_mlp.free_relaxation(config, params, fmnist_mlp.input_drive(params, x),
+  u, res, _ = fmnist_mlp.free_relaxation(config, params, fmnist_mlp.input_drive(params, x),
                                       net=net)
   assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
   return u

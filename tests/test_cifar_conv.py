@@ -151,7 +151,7 @@ def network(alpha=60.0, tied=False, layer_updates='synchronous', small=False):
   @JIT
   def solve(params, x):
     x_drive = cc.input_drive(params, x)
-    u_free, res = cc.free_relaxation(config, params, x_drive)
+    u_free, res, _ = cc.free_relaxation(config, params, x_drive)
     relax = cc.nudged_relaxation(config, params, x_drive, labels, u_free)
     field = common.tree_sub(cc.drives(params, cc.activate(u_free), x_drive), u_free)
     return (u_free, res, jnp.sqrt(common.per_sample_sq_norm(field)),
@@ -391,7 +391,7 @@ def test_half_precision_free_phase_returns_a_full_precision_state_near_the_fixed
   out = JIT(lambda p, x: [cc.free_relaxation(_with(config, free_dtype=dtype), p,
                                              cc.input_drive(p, x)) for dtype in dtypes])(
                                                  params, x)
-  for dtype, (u_half, res) in zip(dtypes, out):
+  for dtype, (u_half, res, _) in zip(dtypes, out):
     tol = 0.05 if dtype == 'bfloat16' else 0.01
     for a, b in zip(u_half, u_free):
       assert a.dtype == b.dtype
@@ -537,7 +537,7 @@ def test_homeostatic_estimator_and_its_gradient_match_the_dense_jacobian():
   def run(params):
     noise = cc.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
     x_drive = cc.input_drive(params, x)
-    u_free, res = cc.free_relaxation(config, params, x_drive)
+    u_free, res, _ = cc.free_relaxation(config, params, x_drive)
     s = cc.activate(u_free)
 
     def exact_loss(p):  # mean over samples of (||J||^2 - tr J^2) / n, dense J = dF/ds
@@ -612,7 +612,7 @@ def test_compute_grads_assembles_every_algorithm():
   @JIT
   def run(params):
     x_drive = cc.input_drive(params, x)
-    u_free, _ = cc.free_relaxation(config, params, x_drive)
+    u_free, _, _ = cc.free_relaxation(config, params, x_drive)
     s_free = cc.activate(u_free)
     exact = common.exact_dbeta(cc.nudged_relaxation(config, params, x_drive, labels, u_free))
     readout = jax.grad(lambda p: cc.readout_loss(p, s_free[-1], labels)[0])(params)
@@ -636,7 +636,8 @@ def test_compute_grads_assembles_every_algorithm():
   loss, acc = ref['readout_metrics']
   assert float(metrics['loss']) == pytest.approx(float(loss), rel=1e-12)
   assert set(metrics) == {'loss', 'accuracy', 'top5_accuracy', 'log10_residual', 'homeo_loss',
-                          'dropped_samples'}
+                          'dropped_samples', 'free_steps', 'free_steps_max'}
+  assert float(metrics['free_steps']) == int(metrics['free_steps_max']) == 50  # tol = 0
   assert int(metrics['dropped_samples']) == 0
   assert float(metrics['log10_residual']) < -10
   assert 1 >= float(acc['top5_accuracy']) >= float(acc['accuracy']) >= 0
@@ -658,6 +659,29 @@ def test_compute_grads_assembles_every_algorithm():
   continuous, metrics = out['hep_continuous']
   assert 'log10_residual' not in metrics
   assert tree_cosine(continuous, exact) > 0.99
+
+
+def test_early_stopping_changes_the_estimate_only_by_the_residual_it_stops_at():
+  """tol > 0 stops the free phase once every sample's update is below tol: the gradient
+  then differs from the converged one by about tol (the distance left to the fixed point),
+  and the metrics say how many steps the samples needed."""
+  config, params, x, labels = tiny(small=True, t_free=300, t_nudge=60, homeo_coef=0.0)
+  key, ids = jax.random.PRNGKey(7), jnp.arange(BATCH)
+  tols = (0.0, 1e-3, 1e-6)
+  run = JIT(lambda p: [cc.compute_grads(_with(config, tol=tol), p, x, labels, key, ids)
+                       for tol in tols])
+  (reference, ref_metrics), *early = np_tree(run(params))
+  assert float(ref_metrics['log10_residual']) < -12
+  assert float(ref_metrics['free_steps']) == int(ref_metrics['free_steps_max']) == 300
+  errors = []
+  for tol, (grads, metrics) in zip(tols[1:], early):
+    assert float(metrics['log10_residual']) < np.log10(tol)
+    mean, most = float(metrics['free_steps']), int(metrics['free_steps_max'])
+    assert 1 < mean <= most < 300
+    errors.append(np.abs(np_flat(grads) - np_flat(reference)).max()
+                  / np.abs(np_flat(reference)).max())
+  assert errors[0] < 10 * 1e-3 and errors[1] < 10 * 1e-6
+  assert errors[0] > 1e-6  # the tolerance does show: tol 1e-3 is a visible change
 
 
 def data_config(**overrides):

@@ -35,7 +35,7 @@ def test_relaxation_reaches_a_fixed_point_and_matches_a_python_loop(layer_update
   u = m.zeros_state(config, BATCH)
   for _ in range(7):
     u = step(u)
-  looped, _ = common.fixed_point(step, m.zeros_state(config, BATCH), 7)
+  looped = common.fixed_point(step, m.zeros_state(config, BATCH), 7)[0]
   for a, b in zip(u, looped):
     np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
 
@@ -44,9 +44,21 @@ def test_early_stopping_stops_at_the_tolerance():
   config, params, x, _ = tiny_mlp()
   step = m.make_step(config, params, m.input_drive(params, x))
   u0 = m.zeros_state(config, BATCH)
-  _, full = common.fixed_point(step, u0, 400)
-  _, early = common.fixed_point(step, u0, 400, tol=1e-4)
+  _, full, full_steps = common.fixed_point(step, u0, 400)
+  _, early, steps = common.fixed_point(step, u0, 400, tol=1e-4)
   assert -5 <= float(early) < -4 and float(full) < -10
+  assert np.all(np.asarray(full_steps) == 400)
+  # Each sample's count: the steps up to its first update below tol (a Python loop).
+  u, needed = u0, np.zeros(BATCH, int)
+  for t in range(1, 401):
+    new = step(u)
+    norms = np.sqrt(np.asarray(common.per_sample_sq_norm(common.tree_sub(new, u))))
+    needed = np.where((needed == 0) & (norms <= 1e-4), t, needed)
+    u = new
+    if np.all(needed):
+      break
+  np.testing.assert_array_equal(np.asarray(steps), needed)
+  assert np.asarray(steps).max() == t and len(set(needed)) > 1  # samples differ
 
 
 def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly():
@@ -327,7 +339,7 @@ def test_homeostatic_gradient_descent_lowers_the_asymmetry():
 
   @jax.jit
   def descend(params, t):
-    u_free, _ = m.free_relaxation(config, params, m.input_drive(params, x))
+    u_free, _, _ = m.free_relaxation(config, params, m.input_drive(params, x))
     noise = m.homeostatic_noise(config, jax.random.fold_in(jax.random.PRNGKey(0), t),
                                 jnp.arange(BATCH))
     _, grads = m.homeostatic_grads(config, params, x, m.activate(u_free), noise)

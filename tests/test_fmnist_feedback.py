@@ -273,7 +273,7 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
   @jax.jit
   def measure(p):
     x_drive = mlp.input_drive(p, x)
-    u, _ = mlp.free_relaxation(config, p, x_drive, net=NET)
+    u, _, _ = mlp.free_relaxation(config, p, x_drive, net=NET)
     exact = common.exact_dbeta(mlp.nudged_relaxation(config, p, x_drive, labels, u, net=NET))
     delta = mlp.rbp_error(config, p, x_drive, labels, u, net=NET)
     s0 = tuple(a[:1] for a in mlp.activate(u))
@@ -283,7 +283,7 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
 
   @jax.jit
   def descend(p, t):
-    u, _ = mlp.free_relaxation(config, p, mlp.input_drive(p, x), net=NET)
+    u, _, _ = mlp.free_relaxation(config, p, mlp.input_drive(p, x), net=NET)
     noise = mlp.homeostatic_noise(config, jax.random.fold_in(jax.random.PRNGKey(1), t),
                                   jnp.arange(BATCH))
     _, g = mlp.homeostatic_grads(config, p, x, mlp.activate(u), noise, net=NET)

@@ -89,7 +89,7 @@ def free_trajectory(config, params, x_drive, total, chunk):
   u = cc.zeros_state(config, x_drive.shape[0], x_drive.dtype)
   rows = []
   for t in range(chunk, total + 1, chunk):
-    u, update = advance(u)
+    u, update, _ = advance(u)
     rows.append((t, float(update), float(measure(u))))
   return rows, u
 

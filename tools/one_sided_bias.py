@@ -65,7 +65,7 @@ def flat_network_grads(params, x, s_free, error):
 
 def measure(config, params, x, labels, beta_abs):
   x_drive = fmnist_mlp.input_drive(params, x)
-  u_free, _ = fmnist_mlp.free_relaxation(config, params, x_drive)
+  u_free, _, _ = fmnist_mlp.free_relaxation(config, params, x_drive)
   s_free = fmnist_mlp.activate(u_free)
   relax = fmnist_mlp.nudged_relaxation(config, params, x_drive, labels, u_free)
   exact = common.exact_dbeta(relax)
@@ -102,7 +102,7 @@ def truncation(config, params, x, labels, beta, long_steps=400):
     for steps in (config.t_nudge, long_steps):
       c = config.copy_and_resolve_references()
       c.layer_updates, c.t_nudge, c.t_free = order, steps, max(config.t_free, long_steps)
-      u_free, _ = fmnist_mlp.free_relaxation(c, params, x_drive)
+      u_free, _, _ = fmnist_mlp.free_relaxation(c, params, x_drive)
       relax = fmnist_mlp.nudged_relaxation(c, params, x_drive, labels, u_free)
       estimates[order, steps] = common.cauchy_estimate(relax, fmnist_mlp.activate(u_free),
                                                        beta, 1)
