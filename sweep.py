@@ -1,4 +1,4 @@
-r"""Runs the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h) as one resumable sweep.
+r"""Runs the reproduction (Table 1, Fig. 3, Fig. 4a-h; Table 2 in miniature) as one resumable sweep.
 
     python sweep.py --list                          # the plan and each run's status
     python sweep.py --only=table1 --dry_run         # the commands that would run
@@ -40,6 +40,10 @@ allows):
   point, 5 periods, no free phase, hold-end averages), |beta| = 0.05 and 0.5. 2 runs of
   one to two hours each on one core (61-63 min on an Intel Xeon), so they come last.
   Together with table1 these are the paper's 11 cells of Table 1.
+* table2mini (cifar_conv.py, CONV_MINI below: Fashion-MNIST-32, channels 16/32/32/32,
+  4,800 training images, 6 epochs): hEP exact with lambda 15 and without, N = 2 (|beta| 1)
+  with lambda 15, BPTT with lambda 15, the tied network without; then seeds 1-2 of the
+  lambda 15 / 0 pair. 9 runs of under an hour each on one core.
 """
 import argparse
 import collections
@@ -63,6 +67,16 @@ Run = collections.namedtuple('Run', 'group name script config overrides')
 
 MLP = ('fmnist_mlp.py', 'configs/fmnist_mlp.py')
 FEEDBACK = ('fmnist_feedback.py', 'configs/fmnist_feedback.py')
+CONV = ('cifar_conv.py', 'configs/cifar10.py')
+
+# Table 2 in miniature: the convnet of App. D.2 on Fashion-MNIST padded to 32x32x3, scaled
+# to what one CPU core affords in an hour (results/README.md, "Table 2 in miniature").
+# The free phase stops once every sample's update is below tol (at most T_free steps), so
+# the epoch rows report the steps it needed.
+CONV_MINI = dict(dataset='fashion_mnist', channels=(16, 32, 32, 32), t_free=100, t_nudge=15,
+                 tol=1e-5, batch_size=32, train_size=4800, test_size=2000, eval_batch_size=500,
+                 diag_batch_size=16, log_every_steps=50)
+CONV_MINI_EPOCHS = 6
 
 # How Table 1's continuous-time cells select the hold-end average (the authors' estimator,
 # common.hold_end_estimate) rather than the every-step average of a literal Eq. 8.
@@ -125,10 +139,22 @@ def plan():
   for beta in (0.05, 0.5):
     runs.append(_run('table1_cont', f'cont4_beta{beta:g}', MLP, 10,
                      **dict(CONTINUOUS_OVERRIDES), n_points=4, beta=beta))
+  # Table 2 / Fig. 4i-l in miniature (the rows of Table 2's CIFAR-10 column), seed 0, then
+  # seeds 1-2 of the homeostasis pair.
+  mini = lambda name, seed=0, **kw: _run('table2mini', name, CONV, CONV_MINI_EPOCHS, seed=seed,
+                                         **{**CONV_MINI, **kw})
+  runs += [mini('exact_homeo15', algorithm='hep_exact', homeo_coef=15.0),
+           mini('exact_homeo0', algorithm='hep_exact', homeo_coef=0.0),
+           mini('hep2_homeo15', algorithm='hep', n_points=2, beta=1.0, homeo_coef=15.0),
+           mini('bptt_homeo15', algorithm='bptt', homeo_coef=15.0),
+           mini('tied_homeo0', algorithm='hep_exact', tied=True, homeo_coef=0.0)]
+  for seed in (1, 2):
+    runs += [mini('exact_homeo15', seed, algorithm='hep_exact', homeo_coef=15.0),
+             mini('exact_homeo0', seed, algorithm='hep_exact', homeo_coef=0.0)]
   return runs
 
 
-GROUPS = ('table1', 'fmnist_checks', 'fig4eh', 'fig3', 'fig4ad', 'table1_cont')
+GROUPS = ('table1', 'fmnist_checks', 'fig4eh', 'fig3', 'fig4ad', 'table1_cont', 'table2mini')
 
 
 def select(runs, only):

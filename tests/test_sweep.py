@@ -25,7 +25,7 @@ def test_plan_has_every_cell_once():
   # more seeds of N = 1 at |beta| = 0.5; the two continuous-time cells; 7 short checks;
   # Fig. 3: 3 angles x 2 algorithms; Fig. 4: 2 lambdas x 3 seeds.
   assert counts == {'table1': 11, 'table1_cont': 2, 'fmnist_checks': 7, 'fig3': 6,
-                    'fig4ad': 6, 'fig4eh': 6}
+                    'fig4ad': 6, 'fig4eh': 6, 'table2mini': 9}
   assert set(counts) == set(sweep.GROUPS)
   assert len({(r.group, r.name) for r in runs}) == len(runs)
   assert len({sweep.workdir(r, 'runs/sweep') for r in runs}) == len(runs)
@@ -34,15 +34,26 @@ def test_plan_has_every_cell_once():
     assert len(fields) == len(r.overrides)  # no field given twice
     if r.group != 'fmnist_checks':
       assert fields['num_epochs'] == {'table1': 50, 'table1_cont': 10, 'fig3': 20,
-                                      'fig4ad': 50, 'fig4eh': 50}[r.group]
+                                      'fig4ad': 50, 'fig4eh': 50, 'table2mini': 6}[r.group]
   table1 = {r.name: dict(r.overrides) for r in runs if r.group == 'table1'}
   cells = collections.Counter((o.get('n_points'), o.get('beta'), o['seed'])
                               for o in table1.values() if o['algorithm'] == 'hep')
   assert set(cells) == ({(n, b, 0) for n in (1, 2, 4, 6) for b in (0.05, 0.5)}
                         | {(1, 0.5, 1), (1, 0.5, 2)})
   assert max(cells.values()) == 1
-  # The continuous-time cells run last (over two hours each on a core).
-  assert [r.group for r in runs[-2:]] == ['table1_cont', 'table1_cont']
+  # The continuous-time cells run last of the MLP's (over two hours each on a core).
+  mlp = [r for r in runs if r.script != 'cifar_conv.py']
+  assert [r.group for r in mlp[-2:]] == ['table1_cont', 'table1_cont']
+  # Table 2 in miniature: its five rows with seed 0, then seeds 1-2 of lambda 15 vs 0.
+  mini = {r.name: dict(r.overrides) for r in runs if r.group == 'table2mini'}
+  assert {(o['algorithm'], o.get('n_points'), o.get('tied', False), o['homeo_coef'], o['seed'])
+          for o in mini.values()} == {
+              ('hep_exact', None, False, 15, 0), ('hep_exact', None, False, 0, 0),
+              ('hep', 2, False, 15, 0), ('bptt', None, False, 15, 0),
+              ('hep_exact', None, True, 0, 0), ('hep_exact', None, False, 15, 1),
+              ('hep_exact', None, False, 0, 1), ('hep_exact', None, False, 15, 2),
+              ('hep_exact', None, False, 0, 2)}
+  assert all(o['dataset'] == 'fashion_mnist' for o in mini.values())
   fig4ad = [dict(r.overrides) for r in runs if r.group == 'fig4ad']
   assert all(o['alpha'] == 90 and o['optimizer'] == 'adam' and o['learning_rate'] == 1e-4
              and o['algorithm'] == 'hep_exact' for o in fig4ad)
