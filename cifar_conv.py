@@ -937,13 +937,15 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
     if process_count > 1:  # equal in every process: the replicas never drift apart
       row['params_sha1'] = harness.params_digest(host_params)
     workdir.save(epoch, row, (host_params, harness.unreplicate(opt_state)))
+    steps = (f' after {row["free_steps"]:.0f} steps (max {row["free_steps_max"]})'
+             if 'free_steps' in row else '')
     logging.info(
         'epoch %d  train loss %.4f  acc %.2f%%  test error %.2f%% (top-5 %.2f%%)  '
-        'symmetry %.3f  cos %s  angle %s  log10|F| %.1f  %.0f img/s  %.1fs', epoch,
+        'symmetry %.3f  cos %s  angle %s  log10|F| %.1f%s  %.0f img/s  %.1fs', epoch,
         row['train_loss'], 100 * row['train_accuracy'], row['test_error'],
         row['test_top5_error'], row['diag/symmetry'],
         ' '.join(f'{c:.2f}' for c in row['diag/cosine_exact']),
-        ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']), residual,
+        ' '.join(f'{a:.1f}' for a in row['diag/weight_angle']), residual, steps,
         row['images_per_s'], row['epoch_time_s'])
     if 'params_sha1' in row:  # every process logs its own replica's digest
       logging.info('epoch %d  params %s', epoch, row['params_sha1'])

@@ -1146,13 +1146,16 @@ def test_mock_cifar10_and_cifar100_train_write_metrics_and_a_checkpoint_and_resu
   # a resumed run may change). (Bit-identity of a resume: tests/test_fmnist_mlp.py.)
   out, (row100,) = run_on_mock_data([('cifar100', hundred, dict(two, log_every_steps=2), False)])
   assert 'resuming' in out.stderr and 'epoch 1  step' not in out.stderr
+  assert f'after {CIFAR_SMALL_CONFIG["t_free"]} steps (max {CIFAR_SMALL_CONFIG["t_free"]})' in out.stderr
   rows = read_rows(hundred)
   assert [r['epoch'] for r in rows] == [1, 2] and rows[1] == row100
   for row in (row10, row100):
     for key in ('train_loss', 'train_accuracy', 'test_error', 'test_top5_error',
                 'images_per_s', 'epoch_time_s', 'log10_residual', 'dropped_samples',
-                'diag/symmetry', 'diag/cosine_exact', 'diag/weight_angle', 'diag/homeo_loss'):
+                'free_steps', 'free_steps_max', 'diag/symmetry', 'diag/cosine_exact',
+                'diag/weight_angle', 'diag/homeo_loss'):
       assert key in row, key
+    assert row['free_steps'] == row['free_steps_max'] == CIFAR_SMALL_CONFIG['t_free']  # tol 0
     assert np.isfinite(row['train_loss']) and 0 <= row['test_top5_error'] <= row['test_error']
     assert len(row['diag/cosine_exact']) == 4 and len(row['diag/weight_angle']) == 3
     assert 0.5 < row['diag/symmetry'] <= 1
