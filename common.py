@@ -337,7 +337,8 @@ def homeostatic_loss(drive, s, x, noise):
   one batched product each (one large batch, rather than a vmap over the draws).
   """
   draws = jax.tree_util.tree_leaves(noise)[0].shape[0]
-  repeat = lambda tree: jax.tree_util.tree_map(lambda a: jnp.concatenate([a] * draws), tree)
+  repeat = lambda tree: jax.tree_util.tree_map(  # (draws * batch, ...), draw-major as e
+      lambda a: jnp.broadcast_to(a, (draws, *a.shape)).reshape(-1, *a.shape[1:]), tree)
   s_rep, x_rep = repeat(s), repeat(x)
   e = jax.tree_util.tree_map(lambda n: n.reshape(-1, *n.shape[2:]), noise)
   field = lambda z: tree_sub(drive(z, x_rep), z)
