@@ -75,45 +75,28 @@ CONV_SETTINGS = {f'{size}_{name}': {**CONV_SIZES[size], **CONV_ALGORITHMS[name]}
                  for size in CONV_SIZES for name in CONV_ALGORITHMS}
 
 
-def dot_flops(jaxpr):
-  """FLOPs of all dot_generals in a (closed) jaxpr, loop bodies times their trip counts."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
-      (lhs_contract, _), (lhs_batch, _) = eqn.params['dimension_numbers']
-      lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
-      k = np.prod([lhs.shape[d] for d in lhs_contract])
-      factor = 4 if np.issubdtype(lhs.dtype, np.complexfloating) else 1
-      total += 2 * factor * int(np.prod(out.shape)) * int(k)
-    multiplier = eqn.params.get('length', 1) if eqn.primitive.name == 'scan' else 1
-    for sub in _subjaxprs(eqn):
-      total += multiplier * dot_flops(sub)
-  return total
-
-
-def conv_flops(jaxpr):
-  """FLOPs of all matmuls and convolutions in a (closed) jaxpr, loops times their trips."""
+def dot_flops(jaxpr, convs=False):
+  """FLOPs of all dot_generals (and with convs=True all convolutions) in a (closed) jaxpr,
+  loop bodies times their trip counts (fori_loop(0, T) is a scan of length T)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == 'dot_general':
-      total += dot_flops(_single(eqn))
-    elif name == 'conv_general_dilated':
+      (lhs_contract, _), (lhs_batch, _) = eqn.params['dimension_numbers']
+      lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+      k = np.prod([lhs.shape[d] for d in lhs_contract])
+      factor = 4 if np.issubdtype(lhs.dtype, np.complexfloating) else 1
+      total += 2 * factor * int(np.prod(out.shape)) * int(k)
+    elif name == 'conv_general_dilated' and convs:
       rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...)
       per_output = np.prod([rhs.shape[d] for d in spec[1:]])  # in channels x kernel
       total += 2 * int(np.prod(out.shape)) * int(per_output)
-    multiplier = eqn.params['length'] if name == 'scan' else 1  # fori_loop(0, T): a scan
+    multiplier = eqn.params.get('length', 1) if name == 'scan' else 1
     for sub in _subjaxprs(eqn):
-      total += multiplier * conv_flops(sub)
+      total += multiplier * dot_flops(sub, convs)
   return total
-
-
-def _single(eqn):
-  """A jaxpr-like object holding one equation, for dot_flops."""
-  return type('OneEqn', (), {'eqns': [eqn]})()
 
 
 def _subjaxprs(eqn):
@@ -229,10 +212,10 @@ def conv_worker(spec):
   x = cifar_conv.normalize(images, *stats)
   per_step = lambda p: cifar_conv.compute_grads(config, p, x, labels, jax.random.PRNGKey(0),
                                                 jnp.arange(b))
-  train_flops = conv_flops(jax.make_jaxpr(per_step)(params).jaxpr)
+  train_flops = dot_flops(jax.make_jaxpr(per_step)(params).jaxpr, convs=True)
   relax = jax.jit(lambda p, d: cifar_conv.free_relaxation(config, p, d))
   x_drive = jax.jit(cifar_conv.input_drive)(params, x)
-  free_flops = conv_flops(jax.make_jaxpr(relax)(params, x_drive).jaxpr) / config.t_free
+  free_flops = dot_flops(jax.make_jaxpr(relax)(params, x_drive).jaxpr, convs=True) / config.t_free
 
   step_fn = cifar_conv.make_train_step(config, optimizer, stats)
   state = harness.replicate((params, optimizer.init(params)), devices)
