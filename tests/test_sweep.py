@@ -34,7 +34,7 @@ def test_plan_has_every_cell_once():
     assert len(fields) == len(r.overrides)  # no field given twice
     if r.group != 'fmnist_checks':
       assert fields['num_epochs'] == {'table1': 50, 'table1_cont': 10, 'fig3': 20,
-                                      'fig4ad': 50, 'fig4eh': 50, 'table2mini': 6}[r.group]
+                                      'fig4ad': 50, 'fig4eh': 50, 'table2mini': 4}[r.group]
   table1 = {r.name: dict(r.overrides) for r in runs if r.group == 'table1'}
   cells = collections.Counter((o.get('n_points'), o.get('beta'), o['seed'])
                               for o in table1.values() if o['algorithm'] == 'hep')
