@@ -1,4 +1,5 @@
-r"""Figures and a report for the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h).
+r"""Figures and a report for the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h; Table 2
+and Fig. 4i-l in miniature).
 
     python plot_fmnist.py                       # reads results/<group>/<name>.jsonl
     python plot_fmnist.py --results_dir=/tmp/r --out_dir=/tmp/report
@@ -12,8 +13,13 @@ of sweep.plan()) and writes
 * <out_dir>/figures/fig4ad.png, fig4eh.png: Fig. 4-style panels, test error, Jacobian
   symmetry measure and per-layer cosine, with vs without homeostasis, mean over seeds and a
   +-1 standard-error band;
+* <out_dir>/figures/fig4il_mini.png: Fig. 4i-l-style panels for the convnet in miniature
+  (hEP exact with vs without homeostasis): test error, symmetry measure, weight angle and
+  cosine per layer, log10 ||F|| and the free steps actually run;
+* <out_dir>/figures/table2mini.png: the five rows of Table 2 in miniature, one colour each;
 * <out_dir>/fmnist_report.md: Table 1 (final-epoch test error of every cell, next to the
-  paper's values), the Fig. 4 final values and a list of every run with its status.
+  paper's values), the Fig. 4 final values, Table 2 in miniature beside the paper's CIFAR-10
+  column, and a list of every run with its status.
 
 Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
 they reached. A Table 1 cell with several seeds (`<name>_seed0`, `<name>_seed1`, ...) reports
@@ -47,7 +53,27 @@ PAPER_TABLE1 = {
 
 MLP_LAYERS = ('l1', 'l2', 'out')
 MLP_ANGLES = ('l1-l2', 'l2-out')
+CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'dense')  # the states of App. D.2's convnet
+CONV_ANGLES = ('1-2', '2-3', '3-out')  # backward kernel vs its forward partner
 LINESTYLES = ('-', '--', ':', '-.')
+
+# Figure panels: (metric, axis label, layers); layers = None for a scalar metric, else the
+# (index, name) pairs of the layers to draw, one line style each.
+SYMMETRY = ('diag/symmetry', 'symmetry ||S|| / (||S|| + ||A||)', None)
+COSINE = 'cosine(d_beta s*, delta_RBP)'
+MLP_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
+              ('diag/cosine_exact', COSINE, tuple(enumerate(MLP_LAYERS))))
+CONV_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
+               ('diag/weight_angle', 'angle w_b vs w_f (deg)', tuple(enumerate(CONV_ANGLES))),
+               ('diag/cosine_exact', COSINE, tuple(enumerate(CONV_LAYERS))),
+               ('log10_residual', 'log10 ||F|| after the free phase (train)', None),
+               ('free_steps', 'free steps per sample (train mean)', None))
+# All five rows of Table 2 at once: per-layer metrics of the first layer only.
+TABLE2_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
+                 ('diag/cosine_exact', COSINE + ', conv1', ((0, 'conv1'),)),
+                 ('train_loss', 'training loss', None),
+                 ('log10_residual', 'log10 ||F|| after the free phase (train)', None),
+                 ('free_steps', 'free steps per sample (train mean)', None))
 
 
 # ------------------------------------------------------------------------------- data
@@ -75,6 +101,12 @@ def load(results_dir):
     loaded[f'{run.group}/{run.name}'] = Loaded(run, rows, max(r['epoch'] for r in rows),
                                                sweep.num_epochs(run), path, meta)
   return loaded
+
+
+def seeds_of(loaded, group, name):
+  """Every seed of one condition: the runs `group/name_seed<k>`."""
+  return [v for k, v in loaded.items()
+          if re.fullmatch(rf'{re.escape(group)}/{re.escape(name)}_seed\d+', k)]
 
 
 def series(rows, key, index=None):
@@ -185,31 +217,35 @@ def fig3(loaded, path):
   return save(fig, path, drawn)
 
 
-def fig4(loaded, group, conditions, path, title):
-  """1 x 3 panels: test error, symmetry, per-layer cosine; mean ± 1 SE over seeds."""
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), squeeze=False)
-  axes = axes[0]
+def fig4(loaded, group, conditions, path, title, panels=None):
+  """Panels (three to a row; default: test error, symmetry, per-layer cosine), one colour per
+  condition; mean ± 1 SE over its seeds. A condition is (run name without _seed<k>, label)."""
+  panels = panels or MLP_PANELS
+  rows = -(-len(panels) // 3)
+  fig, axes = plt.subplots(rows, 3, figsize=(13, 3.8 * rows), squeeze=False)
+  axes = axes.ravel()
   drawn = 0
-  for c, (homeo, label) in enumerate(conditions):
-    items = [v for v in loaded.values() if v.run.group == group
-             and dict(v.run.overrides)['homeo_coef'] == homeo]
+  for c, (name, label) in enumerate(conditions):
+    items = seeds_of(loaded, group, name)
     if not items:
       continue
     drawn += 1
-    colour = f'C{c}'
     label = f'{label} (n={len(items)})'
-    _band(axes[0], *aggregate(items, 'test_error'), color=colour, label=label)
-    _band(axes[1], *aggregate(items, 'diag/symmetry'), color=colour, label=label)
-    for l in range(num_layers(items[0].rows, 'diag/cosine_exact')):
-      _band(axes[2], *aggregate(items, 'diag/cosine_exact', l), color=colour,
-            linestyle=LINESTYLES[l % 4], label=f'{label}, {MLP_LAYERS[l] if l < 3 else l}')
-  axes[0].set_ylabel('test error (%)')
-  axes[1].set_ylabel('symmetry ||S|| / (||S|| + ||A||)')
-  axes[2].set_ylabel('cosine(d_beta s*, delta_RBP)')
-  for ax in axes:
+    for ax, (key, _, layers) in zip(axes, panels):
+      if layers is None:
+        _band(ax, *aggregate(items, key), color=f'C{c}', label=label)
+        continue
+      for l, layer in layers:
+        _band(ax, *aggregate(items, key, l), color=f'C{c}', linestyle=LINESTYLES[l % 4],
+              label=f'{label}, {layer}' if len(layers) > 1 else label)
+  for ax, (_, ylabel, _) in zip(axes, panels):
+    ax.set_ylabel(ylabel)
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=6 if len(conditions) > 2 else 7)
+  for ax in axes[len(panels):]:
+    ax.axis('off')
   fig.suptitle(title + ' (mean ± 1 standard error over seeds)')
   return save(fig, path, drawn)
 
@@ -219,9 +255,7 @@ def fig4(loaded, group, conditions, path, title):
 def table1(loaded):
   """Markdown rows of Table 1: the paper's values and ours, per |beta|."""
   def cell(group, name):
-    # Every seed of the cell: `name_seed<k>`.
-    items = [v for k, v in loaded.items()
-             if re.fullmatch(rf'{re.escape(group)}/{re.escape(name)}_seed\d+', k)]
+    items = seeds_of(loaded, group, name)
     return final_error(items) if items else 'missing'
 
   columns = [(n, 'table1', lambda b, n=n: f'hep{n}_beta{b:g}') for n in (1, 2, 4, 6)]
@@ -270,31 +304,50 @@ def run_table(loaded, results_dir):
   return lines, missing
 
 
-def fig4_table(loaded, group, conditions):
-  lines = ['| condition | seeds | final test error % (mean ± SE) | symmetry | cosine l1 / l2 / out |',
-           '| --- | --- | --- | --- | --- |']
-  for homeo, label in conditions:
-    items = [v for v in loaded.values() if v.run.group == group
-             and dict(v.run.overrides)['homeo_coef'] == homeo]
-    if not items:
-      lines.append(f'| {label} | 0 | missing | | |')
-      continue
+def mean_se(values):
+  """'mean ± SE' over seeds ('value' for one seed; 'n/a' for none)."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return 'n/a'
+  if len(values) == 1:
+    return f'{values[0]:.3g}'
+  se = np.std(values, ddof=1) / math.sqrt(len(values))
+  return f'{np.mean(values):.3g} ± {se:.2g}'
 
-    def mean_se(values):
-      values = [v for v in values if v is not None]
-      if not values:
-        return 'n/a'
-      se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-      return f'{np.mean(values):.3g} ± {se:.2g}' if len(values) > 1 else f'{values[0]:.3g}'
+
+def accuracy(row):
+  return None if row.get('test_error') is None else 100.0 - row['test_error']
+
+
+def condition_table(loaded, group, conditions, columns, paper=None):
+  """One markdown row per condition (run name without _seed<k>, label): its seeds and the
+  mean ± SE over them of each column's final-epoch value. A column is (header, metric name or
+  function of a row); a per-layer metric gives one mean per layer, joined by /. `paper`: the
+  paper's value per condition name, in a column after the label."""
+  head = ['condition'] + (['paper'] if paper else []) + ['seeds'] + [h for h, _ in columns]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for name, label in conditions:
+    cells = [label] + ([paper[name]] if paper else [])
+    items = seeds_of(loaded, group, name)
+    if not items:
+      lines.append('| ' + ' | '.join(cells + ['0', 'missing'] + [''] * (len(columns) - 1))
+                   + ' |')
+      continue
     last = [i.rows[-1] for i in items]
-    layers = num_layers(last, 'diag/cosine_exact')
-    cos = ' / '.join(mean_se([r['diag/cosine_exact'][l] if r.get('diag/cosine_exact') else None
-                              for r in last]) for l in range(layers))
-    epochs = sorted({i.epochs for i in items})
-    lines.append(f'| {label} | {len(items)} (epochs reached: {", ".join(map(str, epochs))} of '
-                 f'{items[0].wanted}) | {mean_se([r.get("test_error") for r in last])} | '
-                 f'{mean_se([r.get("diag/symmetry") for r in last])} | {cos} |')
+    epochs = ', '.join(map(str, sorted({i.epochs for i in items})))
+    cells.append(f'{len(items)} (epochs reached: {epochs} of {items[0].wanted})')
+    for _, key in columns:
+      value = key if callable(key) else lambda row, key=key: row.get(key)
+      layers = max((len(value(r)) for r in last if isinstance(value(r), list)), default=0)
+      cells.append(' / '.join(mean_se([value(r)[l] if isinstance(value(r), list) and l < len(value(r)) else None
+                                       for r in last]) for l in range(layers)) if layers
+                   else mean_se([value(r) for r in last]))
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
+
+
+MLP_COLUMNS = [('final test error % (mean ± SE)', 'test_error'), ('symmetry', 'diag/symmetry'),
+               ('cosine l1 / l2 / out', 'diag/cosine_exact')]
 
 
 # Pairs of runs that differ in one setting: (what differs, [(label, run key)]).
@@ -342,11 +395,30 @@ def checks_table(loaded):
 
 
 FIG4 = {
-    'fig4ad': ([(0.0, 'lambda = 0'), (1.0, 'lambda = 1')],
+    'fig4ad': ([('homeo0', 'lambda = 0'), ('homeo1', 'lambda = 1')],
                'Fig. 4a-d: reciprocal MLP, alpha0 = 90°, hEP exact, Adam 1e-4'),
-    'fig4eh': ([(0.0, 'lambda = 0'), (0.1, 'lambda = 0.1')],
+    'fig4eh': ([('homeo0', 'lambda = 0'), ('homeo0.1', 'lambda = 0.1')],
                'Fig. 4e-h: output -> layer 1 feedback loop, hEP exact, SGD 1e-2'),
 }
+
+# Table 2 in miniature (sweep group table2mini): the rows of Table 2's CIFAR-10 column, with
+# the paper's top-1 accuracy (%, mean ± std over 3 seeds, 150 epochs on CIFAR-10), copied
+# from the paper. Its "Sym." row is hEP N = 2, |beta| = 1 on the symmetric network of [7];
+# ours is the tied network trained with the exact d_beta s*.
+TABLE2 = [('exact_homeo0', 'hEP exact d_beta s*, lambda = 0', '60.4 ± 0.4'),
+          ('hep2_homeo15', 'hEP N = 2, \\|beta\\| = 1, lambda = 15', '81.4 ± 0.1'),
+          ('exact_homeo15', 'hEP exact d_beta s*, lambda = 15', '84.3 ± 0.1'),
+          ('bptt_homeo15', 'RBP (BP through T_nudge), lambda = 15', '87.8 ± 0.3'),
+          ('tied_homeo0', 'tied (symmetric) network, hEP exact, lambda = 0', '88.6 ± 0.2')]
+TABLE2_COLUMNS = [('test accuracy %', accuracy), ('top-5 error %', 'test_top5_error'),
+                  ('symmetry', 'diag/symmetry'),
+                  ('cosine conv1 / conv2 / conv3 / dense', 'diag/cosine_exact'),
+                  ('angle 1-2 / 2-3 / 3-out (deg)', 'diag/weight_angle'),
+                  ('log10 \\|\\|F\\|\\| (train)', 'log10_residual'),
+                  ('free steps, mean / max', lambda r: [r.get('free_steps'),
+                                                        r.get('free_steps_max')])]
+FIG4IL_TITLE = ('Fig. 4i-l in miniature: convnet (16/32/32/32) on Fashion-MNIST-32, hEP exact, '
+                'SGD 7e-3, 4,000 images')
 
 
 def main(argv=None):
@@ -380,7 +452,25 @@ def main(argv=None):
   for group, (conditions, title) in FIG4.items():
     drawn = fig4(loaded, group, conditions, os.path.join(figures, f'{group}.png'), title)
     report += [f'## {title}', '', f'![{group}](figures/{group}.png)' if drawn else
-               f'(no {group} run yet)', '', *fig4_table(loaded, group, conditions), '']
+               f'(no {group} run yet)', '',
+               *condition_table(loaded, group, conditions, MLP_COLUMNS), '']
+  pair = [(name, label) for name, label, _ in TABLE2 if name.startswith('exact_')][::-1]
+  drawn = fig4(loaded, 'table2mini', pair, os.path.join(figures, 'fig4il_mini.png'),
+               FIG4IL_TITLE, CONV_PANELS)
+  rows = [(name, label) for name, label, _ in TABLE2]
+  drawn_all = fig4(loaded, 'table2mini', rows, os.path.join(figures, 'table2mini.png'),
+                   'Table 2 in miniature: its five rows', TABLE2_PANELS)
+  report += ['## Table 2 and Fig. 4i-l in miniature (Fashion-MNIST-32)', '',
+             'The paper: CIFAR-10 top-1 accuracy (%, n = 3, 150 epochs of 50,000 images, '
+             'channels 128/256/512/512). Ours: test accuracy on the first 2,000 test images '
+             'of Fashion-MNIST padded to 32x32x3, after the epochs given, with the settings '
+             'of `sweep.py` (table2mini). The paper\'s "Sym." row is hEP N = 2 on the '
+             'symmetric network; ours is that network trained with the exact d_beta s*.', '',
+             *condition_table(loaded, 'table2mini', rows, TABLE2_COLUMNS,
+                              paper={name: value for name, _, value in TABLE2}), '',
+             '![fig4il_mini](figures/fig4il_mini.png)' if drawn else
+             '(no table2mini hEP exact run yet)', '',
+             '![table2mini](figures/table2mini.png)' if drawn_all else '', '']
   report += ['## Short checks: update order, baselines, continuous-time averages', '',
              'Early epochs of runs that differ in one setting (seed 0 unless stated, the '
              'Table 1 settings otherwise).', '', *checks_table(loaded), '']

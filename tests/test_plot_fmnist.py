@@ -20,6 +20,19 @@ def _write(path, epochs, seed=0, homeo=0.0, start=1, mlp=True):
     f.write('garbage line\n')
 
 
+def _write_conv(path, epochs, seed=0, homeo=0.0):
+  """Rows as cifar_conv.py writes them: four state layers, three kernel angles."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    for e in range(1, epochs + 1):
+      f.write(json.dumps({
+          'epoch': e, 'test_error': 80.0 - 10 * e - seed - homeo, 'test_top5_error': 20.0,
+          'train_loss': 2.0 / e, 'diag/symmetry': 0.95 + 0.001 * homeo,
+          'diag/cosine_exact': [0.8, 0.85, 0.9 + seed / 100, 1.0],
+          'diag/weight_angle': [1.0, 2.0, 3.0 * e], 'log10_residual': -5.0 - e / 10,
+          'free_steps': 19.0 + e, 'free_steps_max': 40 + e}) + '\n')
+
+
 def test_report_and_figures_from_fake_results(tmp_path):
   results = str(tmp_path / 'results')
   runs = {f'{r.group}/{r.name}': r for r in sweep.plan()}
@@ -40,12 +53,19 @@ def test_report_and_figures_from_fake_results(tmp_path):
   for name, seed in (('hep1_beta0.5_seed0', 0), ('hep1_beta0.5_seed1', 1),
                      ('hep1_beta0.5_seed2', 2)):
     _write(path(f'table1/{name}'), 50, seed=seed)
+  # Table 2 in miniature: the homeostasis pair with 3 / 2 seeds (one partial), BPTT, no N = 2.
+  for seed in (0, 1, 2):
+    _write_conv(path(f'table2mini/exact_homeo15_seed{seed}'), 4, seed=seed, homeo=15.0)
+  _write_conv(path('table2mini/exact_homeo0_seed0'), 4)
+  _write_conv(path('table2mini/exact_homeo0_seed1'), 2, seed=1)
+  _write_conv(path('table2mini/bptt_homeo15_seed0'), 4, homeo=15.0)
+  _write_conv(path('table2mini/tied_homeo0_seed0'), 4)
   # The short checks: 2 epochs of the synchronous update.
   _write(path('fmnist_checks/synchronous_hep2_seed0'), 2, seed=3)
 
   assert plot_fmnist.main(['--results_dir', results]) == 0
   report = open(os.path.join(results, 'fmnist_report.md')).read()
-  for name in ('fig3', 'fig4ad', 'fig4eh'):
+  for name in ('fig3', 'fig4ad', 'fig4eh', 'fig4il_mini', 'table2mini'):
     assert os.path.getsize(os.path.join(results, 'figures', f'{name}.png')) > 1000
     assert f'figures/{name}.png' in report
   assert '| paper, \\|beta\\| = 0.5 | 38.4 ± 6.2 | 16.3 ± 0.7 |' in report
@@ -66,6 +86,16 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert f'| lambda = 1 | 3 (epochs reached: 50 of 50) | 14 ± {se:.2g} |' in report
   assert '| lambda = 0 | 2 (epochs reached: 7, 50 of 50) |' in report
   assert '| lambda = 0 | 0 | missing |' in report  # Fig. 4e-h without homeostasis
+
+  # Table 2 in miniature: accuracy = 100 - (80 - 40 - seed - 15) = 75, 76, 77 -> 76 ± 1/sqrt(3).
+  se = np.std([75.0, 76.0, 77.0], ddof=1) / np.sqrt(3)
+  assert (f'| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 3 (epochs reached: 4 of 4) | '
+          f'76 ± {se:.2g} | 20 ± 0 | 0.965 ± 0 |') in report
+  assert '0.85 ± 0 / 0.91 ± 0.0058 / 1 ± 0 | 1 ± 0 / 2 ± 0 / 12 ± 0 |' in report  # per layer
+  assert '| 23 ± 0 / 44 ± 0 |' in report  # free steps mean / max after epoch 4
+  assert '| hEP exact d_beta s*, lambda = 0 | 60.4 ± 0.4 | 2 (epochs reached: 2, 4 of 4) |' in report
+  assert '| hEP N = 2, \\|beta\\| = 1, lambda = 15 | 81.4 ± 0.1 | 0 | missing |' in report
+  assert '| RBP (BP through T_nudge), lambda = 15 | 87.8 ± 0.3 | 1 (epochs reached: 4 of 4) | 75 |' in report
 
   out = str(tmp_path / 'elsewhere')
   assert plot_fmnist.main(['--results_dir', results, '--out_dir', out]) == 0
