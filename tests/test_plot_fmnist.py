@@ -30,6 +30,7 @@ def _write_conv(path, epochs, seed=0, homeo=0.0):
           'train_loss': 2.0 / e, 'diag/symmetry': 0.95 + 0.001 * homeo,
           'diag/cosine_exact': [0.8, 0.85, 0.9 + seed / 100, 1.0],
           'diag/weight_angle': [1.0, 2.0, 3.0 * e], 'log10_residual': -5.0 - e / 10,
+          'log10_residual_max': -4.5,
           'free_steps': 19.0 + e, 'free_steps_max': 40 + e}) + '\n')
 
 
@@ -92,7 +93,7 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert (f'| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 3 (epochs reached: 4 of 4) | '
           f'76 ± {se:.2g} | 20 ± 0 | 0.965 ± 0 |') in report
   assert '0.85 ± 0 / 0.91 ± 0.0058 / 1 ± 0 | 1 ± 0 / 2 ± 0 / 12 ± 0 |' in report  # per layer
-  assert '| 23 ± 0 / 44 ± 0 |' in report  # free steps mean / max after epoch 4
+  assert '| -5.4 ± 0 / -4.5 ± 0 | 23 ± 0 / 44 ± 0 |' in report  # residual, free steps
   assert '| hEP exact d_beta s*, lambda = 0 | 60.4 ± 0.4 | 2 (epochs reached: 2, 4 of 4) |' in report
   assert '| hEP N = 2, \\|beta\\| = 1, lambda = 15 | 81.4 ± 0.1 | 0 | missing |' in report
   assert '| RBP (BP through T_nudge), lambda = 15 | 87.8 ± 0.3 | 1 (epochs reached: 4 of 4) | 75 |' in report
