@@ -3,6 +3,14 @@ import json
 import os
 import subprocess
 
+import jax
+import numpy as np
+
+import cifar_conv as cc
+import harness
+from configs import cifar10
+from helpers import write_idx
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,3 +45,36 @@ def test_gpu_check_refuses_a_cpu_backend_without_cpu_smoke(tmp_path):
       'tools/gpu_check.py: error: the backend is cpu, not gpu (install jax[cuda12]; '
       '--cpu_smoke runs a tiny network on CPU)')
   assert not os.listdir(tmp_path)
+
+
+def test_conv_update_order_relaxes_a_trained_checkpoint(tmp_path):
+  """--part=trained restores a run's parameters from its checkpoint (not from code) and runs
+  both update orders on the first test images of the run's data set."""
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 4), ('t10k', 3)):
+    write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28)))
+    write_idx(tmp_path / f'{split}-labels-idx1-ubyte.gz', rng.integers(0, 10, n))
+  config = cifar10.get_config()
+  config.update(dataset='fashion_mnist', data_dir=str(tmp_path), channels=(2, 3, 3, 3),
+                t_free=4, t_nudge=4, tied=True, alpha=0.0, homeo_coef=0.0)
+  params = cc.init_params(jax.random.PRNGKey(3), config)
+  state = (params, cc.make_optimizer(config, 1).init(params))
+  workdir = harness.Workdir(str(tmp_path / 'run'), config, cc.RESUMABLE_FIELDS)
+  workdir.start()
+  single = lambda a: np.asarray(a, np.float32 if np.issubdtype(a.dtype, np.floating) else np.int32)
+  workdir.save(2, {'epoch': 2}, jax.tree_util.tree_map(single, state))  # as a float32 run
+  run = subprocess.run(
+      ['python', 'tools/conv_update_order.py', '--part=trained', f'--workdir={tmp_path}/run',
+       f'--data_dir={tmp_path}', '--batch=2', '--t_free=40', '--chunk=20', '--ref_free=60',
+       '--ref_nudge=60', '--t_nudges', '30'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stdout + run.stderr
+  out = run.stdout
+  assert f'{tmp_path}/run after epoch 2: hep_exact, tied True, lambda 0, 2 test images' in out
+  rows = [line.split('|') for line in out.splitlines() if line.strip()[:2] in ('20', '40')]
+  assert [int(r[0]) for r in rows] == [20, 40]
+  # A freshly initialised network contracts fast: both orders reach the float32 floor.
+  assert all(float(v) < -4 for v in rows[-1][1].split() + rows[-1][2].split()), out
+  cosines = [float(l.split('min cosine ')[1].split(',')[0]) for l in out.splitlines()
+             if 'min cosine' in l]
+  assert len(cosines) == 2 and min(cosines) > 0.999, out

@@ -5,6 +5,8 @@ Not a test: the measurement behind the conv scripts' step counts and default lay
     python tools/conv_update_order.py --part=paper     # App. D.2 shapes, batch 4, float32
     python tools/conv_update_order.py --part=tiny      # 180-unit float64 net vs dense solves
     python tools/conv_update_order.py --part=timing    # ms per step, compute_grads at batch 16
+    python tools/conv_update_order.py --part=trained --workdir=runs/sweep/table2mini/tied_homeo0_seed0
+        # a trained run's checkpoint on the first --batch test images of its data set
 
 In the MLP, layers talk only to their neighbours, so the synchronous dynamics split into two
 independent chains and the alternating order follows one of them exactly (T steps for the
@@ -43,6 +45,8 @@ import numpy as np
 
 import cifar_conv as cc
 import common
+import harness
+from configs import cifar10
 
 
 def paper_config(**kw):
@@ -157,6 +161,27 @@ def part_paper(args):
     print(f'\n== paper shapes, batch {args.batch}, float32, {name}, alpha 0 ==', flush=True)
     run_orders(config, scaled(base, scale), x, labels, args.t_free, args.t_nudges, args.chunk,
                args.ref_free, args.ref_nudge)
+
+
+def part_trained(args):
+  """The free phase of a trained network (a workdir's checkpoint.npz, read without executing
+  anything: its config is JSON) on the first --batch test images of its own data set."""
+  ckpt = harness.read_checkpoint(os.path.join(args.workdir, 'checkpoint.npz'))
+  if ckpt is None:
+    raise SystemExit(f'no checkpoint.npz in {args.workdir}')
+  config = cifar10.get_config()  # the fields a checkpoint leaves out (data_dir, ...)
+  config.update(ckpt['config'])
+  config.data_dir = args.data_dir
+  config.test_size, config.free_dtype = args.batch, 'float32'
+  params = cc.init_params(jax.random.PRNGKey(0), config)
+  params, _ = harness.restore_checkpoint(ckpt, (params, cc.make_optimizer(config, 1).init(params)))
+  data = cc.load_data(config)
+  x = cc.normalize(jnp.asarray(data.test.images), data.mean, data.std)
+  labels = jnp.asarray(data.test.labels)
+  print(f'\n== {args.workdir} after epoch {ckpt["epoch"]}: {config.algorithm}, tied '
+        f'{config.tied}, lambda {config.homeo_coef:g}, {args.batch} test images ==', flush=True)
+  run_orders(config, params, x, labels, args.t_free, args.t_nudges, args.chunk, args.ref_free,
+             args.ref_nudge)
 
 
 def tiny_net(seed=0, batch=3):
@@ -275,7 +300,10 @@ def part_timing(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--part', choices=('paper', 'tiny', 'timing'), required=True)
+  parser.add_argument('--part', choices=('paper', 'tiny', 'timing', 'trained'), required=True)
+  parser.add_argument('--workdir', default='', help='trained part: the run whose checkpoint')
+  parser.add_argument('--data_dir', default='',
+                      help="trained part, Fashion-MNIST-32: the IDX folder ('' = the Debian one)")
   parser.add_argument('--batch', type=int, default=None)
   parser.add_argument('--t_free', type=int, default=250)
   parser.add_argument('--t_nudge', type=int, default=40)
@@ -292,7 +320,8 @@ def main():
   args = parser.parse_args()
   if args.batch is None:
     args.batch = 4 if args.part == 'paper' else 16
-  {'paper': part_paper, 'tiny': part_tiny, 'timing': part_timing}[args.part](args)
+  {'paper': part_paper, 'tiny': part_tiny, 'timing': part_timing,
+   'trained': part_trained}[args.part](args)
 
 
 if __name__ == '__main__':
