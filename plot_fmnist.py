@@ -61,18 +61,19 @@ LINESTYLES = ('-', '--', ':', '-.')
 # (index, name) pairs of the layers to draw, one line style each.
 SYMMETRY = ('diag/symmetry', 'symmetry ||S|| / (||S|| + ||A||)', None)
 COSINE = 'cosine(d_beta s*, delta_RBP)'
+RESIDUAL = ('log10_residual', 'log10 ||F||, worst sample of a batch (train mean)', None)
 MLP_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
               ('diag/cosine_exact', COSINE, tuple(enumerate(MLP_LAYERS))))
 CONV_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
                ('diag/weight_angle', 'angle w_b vs w_f (deg)', tuple(enumerate(CONV_ANGLES))),
                ('diag/cosine_exact', COSINE, tuple(enumerate(CONV_LAYERS))),
-               ('log10_residual', 'log10 ||F|| after the free phase (train)', None),
+               RESIDUAL,
                ('free_steps', 'free steps per sample (train mean)', None))
 # All five rows of Table 2 at once: per-layer metrics of the first layer only.
 TABLE2_PANELS = (('test_error', 'test error (%)', None), SYMMETRY,
                  ('diag/cosine_exact', COSINE + ', conv1', ((0, 'conv1'),)),
                  ('train_loss', 'training loss', None),
-                 ('log10_residual', 'log10 ||F|| after the free phase (train)', None),
+                 RESIDUAL,
                  ('free_steps', 'free steps per sample (train mean)', None))
 
 
@@ -230,7 +231,7 @@ def fig4(loaded, group, conditions, path, title, panels=None):
     if not items:
       continue
     drawn += 1
-    label = f'{label} (n={len(items)})'
+    label = f'{label} (n={len(items)})'.replace('\\', '')  # no markdown escapes
     for ax, (key, _, layers) in zip(axes, panels):
       if layers is None:
         _band(ax, *aggregate(items, key), color=f'C{c}', label=label)
