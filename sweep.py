@@ -43,7 +43,7 @@ allows):
 * table2mini (cifar_conv.py, CONV_MINI below: Fashion-MNIST-32, channels 16/32/32/32,
   4,000 training images, 4 epochs): BPTT with lambda 15 (the slowest, so first), hEP exact
   with lambda 15 and without, N = 2 (|beta| 1) with lambda 15, the tied network without;
-  then seeds 1-2 of the lambda 15 / 0 pair. 9 runs of under 40 minutes each on one core.
+  then seeds 1-2 of the lambda 15 / 0 pair. 9 runs of 10-46 minutes each on one core.
 """
 import argparse
 import collections
