@@ -340,10 +340,11 @@ def condition_table(loaded, group, conditions, columns, paper=None):
     cells.append(f'{len(items)} (epochs reached: {epochs} of {items[0].wanted})')
     for _, key in columns:
       value = key if callable(key) else lambda row, key=key: row.get(key)
-      layers = max((len(value(r)) for r in last if isinstance(value(r), list)), default=0)
-      cells.append(' / '.join(mean_se([value(r)[l] if isinstance(value(r), list) and l < len(value(r)) else None
-                                       for r in last]) for l in range(layers)) if layers
-                   else mean_se([value(r) for r in last]))
+      values = [value(r) for r in last]
+      layers = max((len(v) for v in values if isinstance(v, list)), default=0)
+      cells.append(' / '.join(mean_se([v[l] if isinstance(v, list) and l < len(v) else None
+                                       for v in values]) for l in range(layers))
+                   if layers else mean_se(values))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
