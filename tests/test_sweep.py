@@ -25,7 +25,7 @@ def test_plan_has_every_cell_once():
   # more seeds of N = 1 at |beta| = 0.5; the two continuous-time cells; 7 short checks;
   # Fig. 3: 3 angles x 2 algorithms; Fig. 4: 2 lambdas x 3 seeds.
   assert counts == {'table1': 11, 'table1_cont': 2, 'fmnist_checks': 7, 'fig3': 6,
-                    'fig4ad': 6, 'fig4eh': 6, 'table2mini': 9}
+                    'fig4ad': 6, 'fig4eh': 6, 'table2mini': 9, 'table2long': 9}
   assert set(counts) == set(sweep.GROUPS)
   assert len({(r.group, r.name) for r in runs}) == len(runs)
   assert len({sweep.workdir(r, 'runs/sweep') for r in runs}) == len(runs)
@@ -34,7 +34,8 @@ def test_plan_has_every_cell_once():
     assert len(fields) == len(r.overrides)  # no field given twice
     if r.group != 'fmnist_checks':
       assert fields['num_epochs'] == {'table1': 50, 'table1_cont': 10, 'fig3': 20,
-                                      'fig4ad': 50, 'fig4eh': 50, 'table2mini': 4}[r.group]
+                                      'fig4ad': 50, 'fig4eh': 50, 'table2mini': 4,
+                                      'table2long': 4}[r.group]
   table1 = {r.name: dict(r.overrides) for r in runs if r.group == 'table1'}
   cells = collections.Counter((o.get('n_points'), o.get('beta'), o['seed'])
                               for o in table1.values() if o['algorithm'] == 'hep')
@@ -54,6 +55,14 @@ def test_plan_has_every_cell_once():
               ('hep_exact', None, False, 0, 1), ('hep_exact', None, False, 15, 2),
               ('hep_exact', None, False, 0, 2)}
   assert all(o['dataset'] == 'fashion_mnist' for o in mini.values())
+  # The long rows: the same nine, at 5x the steps (20,000 images x 4 epochs / batch 32) and
+  # the paper's T_free cap.
+  long = {r.name: dict(r.overrides) for r in runs if r.group == 'table2long'}
+  strip = lambda o: {k: v for k, v in o.items()
+                     if k not in ('train_size', 'test_size', 't_free')}
+  assert {n: strip(o) for n, o in long.items()} == {n: strip(o) for n, o in mini.items()}
+  assert {(o['train_size'], o['test_size'], o['t_free'], o['tol'], o['batch_size'])
+          for o in long.values()} == {(20000, 5000, 250, 1e-5, 32)}
   fig4ad = [dict(r.overrides) for r in runs if r.group == 'fig4ad']
   assert all(o['alpha'] == 90 and o['optimizer'] == 'adam' and o['learning_rate'] == 1e-4
              and o['algorithm'] == 'hep_exact' for o in fig4ad)
