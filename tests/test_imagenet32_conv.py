@@ -89,12 +89,17 @@ def test_the_imagenet_config_is_the_cifar10_one_but_for_the_data_set():
 
 
 def test_the_user_command_fails_fast_without_the_data(tmp_path):
-  out = run_script('imagenet32_conv.py', ['--config=configs/imagenet32.py',
-                                          f'--config.tfds_data_dir={tmp_path}/none',
-                                          f'--workdir={tmp_path}/w'], timeout=120)
-  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  """The user's command where the download cannot be reached (tests/offline_run.py closes
+  the address): one line, nothing written."""
+  out = run_script('tests/offline_run.py', ['imagenet32_conv.py', '--config=configs/imagenet32.py',
+                                            f'--config.tfds_data_dir={tmp_path}/none',
+                                            f'--workdir={tmp_path}/w'], timeout=300)
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith('imagenet32_conv.py: error: imagenet_resized/32x32 is not prepared'), last
+  assert last.startswith('imagenet32_conv.py: error: imagenet_resized/32x32 is not prepared in '
+                         f'{tmp_path}/none'), last
+  assert 'cannot be reached' in last, last
+  assert not os.path.exists(tmp_path / 'w')
 
 
 # ------------------------------------------------ end to end: one process, two processes
