@@ -32,6 +32,10 @@ MLP_SMALL_ARGS = ['--config.hidden_sizes=(32,16)', '--config.t_free=30', '--conf
                   '--config.train_size=100', '--config.test_size=60',
                   '--config.eval_batch_size=20', '--config.diag_batch_size=10',
                   '--config.diag_jacobian_samples=2', '--config.log_every_steps=1']
+# The session's shared fmnist_mlp.py run (conftest.mlp_run): 3 epochs of 2 steps with
+# homeostasis, from its command line (add --config.data_dir and --workdir).
+MLP_RUN_ARGS = ['--config=configs/fmnist_mlp.py', *MLP_SMALL_ARGS, '--config.num_epochs=3',
+                '--config.homeo_coef=0.5']
 
 
 def run_script(script, args, env=None, timeout=None):

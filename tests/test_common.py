@@ -232,15 +232,14 @@ def test_untied_weights_obey_the_exact_form_of_eq_10():
 # ------------------------------------------------------------------------- gradients
 
 def _unrolled_loss_grads(config, params, x, labels, steps):
-  """Autodiff through `steps` synchronous free steps from zeros: the implicit gradient."""
+  """Autodiff through `steps` synchronous free steps from zeros: the implicit gradient.
+  (A loop of fixed length: reverse mode differentiates every step, as unrolled.)"""
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = lambda u: m.drives(p, m.activate(u), m.input_drive(p, x))
-    u = m.zeros_state(config, BATCH)
-    for _ in range(steps):
-      u = step(u)
+    u = jax.lax.fori_loop(0, steps, lambda _, u: step(u), m.zeros_state(config, BATCH))
     return m.readout_loss(p, m.sigma(u[-1]), labels)[0]
-  return jax.grad(loss)(params)
+  return jax.jit(jax.grad(loss))(params)
 
 
 def test_rbp_gradient_equals_the_implicit_function_gradient():

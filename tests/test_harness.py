@@ -219,8 +219,15 @@ def test_every_bad_field_is_a_one_line_error(overrides, message):
     harness.check_fields(config(**overrides), SPEC)
 
 
-def test_a_good_config_passes_the_table():
+def test_a_good_config_passes_the_table_bounds_included():
+  good = config()
+  before = good.to_json()
+  for overrides in (dict(seed=0), dict(seed=10), dict(learning_rate=1e-30), dict(name='b'),
+                    dict(flag=False)):
+    good.update(overrides)
+    assert harness.check_fields(good, SPEC) is None  # no ConfigError at a bound
   harness.check_fields(config(), SPEC)
+  assert config().to_json() == before  # and nothing changed
 
 
 def test_the_batch_must_split_over_devices_and_processes():
@@ -414,6 +421,72 @@ def test_process_eval_blocks_cover_the_split_once_in_equal_numbers_of_calls(
   for c in calls:
     for idx, mask in c:
       assert len(idx) == len(mask) == batch_size // processes
+
+
+# ----------------------------------------------------------------------------- devices
+
+TWO_DEVICE_STEPS = '''
+import json, runpy, sys
+import jax, numpy as np
+import cifar_conv, fmnist_mlp, harness
+from configs import cifar10, fmnist_mlp as mlp_config
+assert jax.local_device_count() == 2
+moved, maxdiff = {}, {}
+for name, module, config, images, size in (
+    ('mlp', fmnist_mlp, mlp_config.get_config(), (784,), dict(hidden_sizes=(32, 16))),
+    ('conv', cifar_conv, cifar10.get_config(), (32, 32, 3), dict(channels=(4, 8, 8, 8)))):
+  results = []
+  for devices in (1, 2):
+    config.update(size, t_free=12, t_nudge=6, homeo_coef=1.0, homeo_draws=2, batch_size=4,
+                  num_devices=devices)
+    assert module.check_config(config, 2) == devices
+    params = module.init_params(jax.random.PRNGKey(0), config)
+    if name == 'mlp':
+      optimizer = module.make_optimizer(config)
+      step = module.make_train_step(config, optimizer)
+    else:
+      optimizer = module.make_optimizer(config, 100)
+      info = module.DATASETS['cifar10']
+      step = module.make_train_step(config, optimizer, (info['mean'], info['std']))
+    state = harness.replicate((params, optimizer.init(params)), devices)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (devices, 4 // devices, *images), dtype=np.uint8)
+    y = rng.integers(0, 10, (devices, 4 // devices)).astype(np.int32)
+    new, _, metrics = step(*state, np.int32(3), x, y)
+    assert np.asarray(metrics['loss']).shape == (devices,)
+    results.append(jax.tree_util.tree_map(lambda a: np.asarray(a[0]), new))
+  maxdiff[name] = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.abs(a - b).max()), *results)))
+  moved[name] = float(np.abs(results[0]['forward'][0]['w'] - params['forward'][0]['w']).max())
+print('STEPS', json.dumps({'maxdiff': maxdiff, 'moved': moved}), flush=True)
+sys.argv = ['fmnist_mlp.py', *json.loads(sys.argv[1])]  # then the whole run, command line
+runpy.run_path('fmnist_mlp.py', run_name='__main__')
+'''
+
+
+@pytest.mark.slow
+def test_two_devices_train_as_one(mlp_run, tmp_path):
+  """Two fake CPU devices (pmap over the batch, one pmean of the gradients) against one: one
+  train step of the MLP and of the conv net (with homeostasis), then the session's whole
+  MLP run (helpers.MLP_RUN_ARGS) from its command line, in one interpreter."""
+  workdir = str(tmp_path / 'two')
+  args = [*helpers.MLP_RUN_ARGS, f'--config.data_dir={mlp_run["data_dir"]}',
+          f'--workdir={workdir}']
+  out = run_script('-c', [TWO_DEVICE_STEPS, json.dumps(args)],
+                   env={'XLA_FLAGS': helpers.TWO_DEVICES})
+  assert out.returncode == 0, out.stderr[-3000:]
+  steps = json.loads(out.stdout.split('STEPS ', 1)[1].splitlines()[0])
+  for name in ('mlp', 'conv'):  # equal up to float32 rounding, and the step did move
+    assert steps['maxdiff'][name] < 1e-6 and steps['moved'][name] > 1e-5, steps
+  one, two = (np.load(os.path.join(w, 'checkpoint.npz')) for w in (mlp_run['workdir'], workdir))
+  assert sorted(one.files) == sorted(two.files)
+  for k in one.files:
+    if k != 'meta':
+      np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  rows_one, rows_two = helpers.read_rows(mlp_run['workdir']), helpers.read_rows(workdir)
+  assert [r['epoch'] for r in rows_two] == [1, 2, 3]
+  np.testing.assert_allclose([r['train_loss'] for r in rows_two],
+                             [r['train_loss'] for r in rows_one], rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- every script
