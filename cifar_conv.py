@@ -868,6 +868,7 @@ def default_workdir(config, script=SCRIPT):
 # Main loop
 # ======================================================================================
 
+@harness.releases_workdirs
 def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, script=SCRIPT):
   """Trains for config.num_epochs epochs; returns the per-epoch metrics rows. Every check
   passes before anything is written or compiled (several processes stop together on any
@@ -883,7 +884,7 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
   if process_count > 1:
     logging.info('process %d of %d, %d of its devices, %d devices in all', process_index,
                  process_count, num_devices, num_devices * process_count)
-  workdir.start()
+  harness.all_or_none(workdir.start)  # the lock of process 0: all stop if another run has it
   logging.info('workdir: %s', workdir.path)
   num_train = len(data.train)
   steps_per_epoch = num_train // config.batch_size

@@ -537,6 +537,7 @@ def load_data(config):
 # Main loop
 # ======================================================================================
 
+@harness.releases_workdirs
 def train_and_evaluate(config, workdir=None, net=MLP, script=SCRIPT, check=check_config):
   """Trains for config.num_epochs epochs; returns the list of per-epoch metrics.
 

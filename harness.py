@@ -2,11 +2,12 @@
 
     config checks   ConfigError, check_number / check_choice / check_fields, check_devices
     workdir         run_config, default_workdir, Workdir (config.json, metrics.jsonl and an
-                    npz checkpoint, written atomically; resume; refuses another run's files)
+                    npz checkpoint, written atomically; resume; refuses another run's files;
+                    one run at a time: an OS lock), releases_workdirs
     metrics         Progress (per-step metrics -> log lines and the epoch's row), read_rows
     processes       start_processes, all_or_none, broadcast, batch / eval indices
     input           read_idx, load_fashion_mnist, read_batches, prefetch, TFDS preparation
-    command line    parse_flags, run_main (one-line errors and exit codes)
+    command line    parse_flags, run_main (one-line errors and exit codes, Ctrl-C, SIGTERM)
 
 The scripts hand in what differs between them (the fields a resumed run may change, the
 script's name): this module never imports a script and never reads an experiment's config
@@ -14,6 +15,8 @@ fields beyond the few named here (num_devices, batch sizes, the process fields).
 """
 import concurrent.futures
 import collections
+import fcntl
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -22,11 +25,13 @@ import logging as std_logging
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 import zlib
 
 from absl import app
@@ -37,6 +42,7 @@ import numpy as np
 
 CHECKPOINT = 'checkpoint.npz'
 METRICS = 'metrics.jsonl'
+LOCK = 'lock'
 
 
 class ConfigError(ValueError):
@@ -185,8 +191,9 @@ class Workdir:
   checkpoint.npz (the state of the last finished epoch, with the run config it was made with).
 
   Opening one checks everything that could refuse it (a file in its place, another run's
-  config or checkpoint, a damaged metrics file) and writes nothing; start() then writes
-  config.json. Nothing in it is ever unpickled, so someone else's workdir cannot run code.
+  config or checkpoint, a damaged metrics file) and writes nothing; start() then takes the
+  workdir's lock (see lock_workdir) and writes config.json; close() releases the lock.
+  Nothing in it is ever unpickled, so someone else's workdir cannot run code.
   `writer=False` (every process of a multi-process run but process 0) touches no file.
   """
 
@@ -196,15 +203,28 @@ class Workdir:
     self.config = json.loads(config.to_json())
     self.run_config = run_config(config, resumable)
     self.checkpoint, self.history = None, []
+    self._checked, self._lock = None, None
     if writer:
       self._check()
 
   def _file(self, name):
     return os.path.join(self.path, name)
 
+  def _files(self):
+    """(inode, size, mtime) of each file a check reads, None where missing: a write (always a
+    rename of a new file) changes them."""
+    def stat(name):
+      try:
+        s = os.stat(self._file(name))
+        return s.st_ino, s.st_size, s.st_mtime_ns
+      except FileNotFoundError:
+        return None
+    return [stat(name) for name in ('config.json', CHECKPOINT, METRICS)]
+
   def _check(self):
     if os.path.exists(self.path) and not os.path.isdir(self.path):
       raise ConfigError(f'--workdir {self.path} is a file, not a folder')
+    self._checked = self._files()
     path = self._file('config.json')
     if os.path.exists(path):
       try:
@@ -260,10 +280,29 @@ class Workdir:
     return rows
 
   def start(self):
-    """Creates the folder and writes config.json (which also proves the folder is writable)."""
-    if self.writer:
-      os.makedirs(self.path, exist_ok=True)
+    """Creates the folder, takes its lock (a ConfigError naming the holder if another run
+    has it), checks again if another run wrote the files since the check (so that this run
+    resumes from the newest checkpoint), then writes config.json (which also proves the
+    folder is writable)."""
+    if not self.writer:
+      return
+    os.makedirs(self.path, exist_ok=True)
+    self._lock = lock_workdir(self.path)
+    _LOCKED.add(self)
+    try:
+      if self._files() != self._checked:
+        self._check()
       write_json(self._file('config.json'), self.config)
+    except BaseException:
+      self.close()
+      raise
+
+  def close(self):
+    """Releases the workdir's lock (as the end of the process does, however it ends)."""
+    if self._lock is not None:
+      self._lock.close()
+      self._lock = None
+      _LOCKED.discard(self)
 
   def restore(self, template):
     """(state, first epoch to run): the checkpoint's arrays in the pytree structure of
@@ -289,6 +328,59 @@ class Workdir:
     meta = json.dumps({'epoch': epoch, 'config': self.run_config, 'paths': paths})
     arrays = {f'leaf{i:05d}': a for i, a in enumerate(leaves)}
     write_atomic(self._file(CHECKPOINT), lambda f: np.savez(f, meta=np.asarray(meta), **arrays))
+
+
+def lock_workdir(path):
+  """The open file path/lock, exclusively locked by this process (flock), with the holder's
+  pid, host and start time in it: one run per workdir. The OS releases the lock when the file
+  is closed or the process ends (kill -9 included), so it is never stale. Another run's
+  holding it is a ConfigError that names that run; opening never truncates, so the refused
+  run writes nothing. Reading a workdir needs no lock."""
+  f = open(os.path.join(path, LOCK), 'a+b')  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      try:
+        holder = json.loads(f.read(1000))
+        holder = f' (pid {holder["pid"]} on {holder["host"]}, started {holder["started"]})'
+      except (ValueError, KeyError, TypeError):
+        holder = ''  # it has just taken the lock and not yet written who it is
+      raise ConfigError(f'{path} is in use by another run{holder}; wait for it to end or '
+                        'stop it, or use another --workdir') from None
+    except OSError as e:  # a file system without locks (some NFS or Lustre mounts)
+      logging.warning('cannot lock %s (%s): nothing stops a second run in this workdir', path,
+                      one_line(e))
+    f.truncate(0)
+    f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                        'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})
+            .encode() + b'\n')
+    f.flush()
+  except BaseException:
+    f.close()
+    raise
+  return f
+
+
+# The Workdirs that hold their lock in this process (weakly: one that is dropped closes its
+# lock file, which releases the lock).
+_LOCKED = weakref.WeakSet()
+
+
+def releases_workdirs(train_and_evaluate):
+  """Decorates a script's train_and_evaluate: the workdirs it started are closed (their
+  locks released) when it returns or raises, so that one process may run in the same
+  workdir again (tests and tools/benchmark.py call it several times)."""
+  @functools.wraps(train_and_evaluate)
+  def run(*args, **kwargs):
+    before = weakref.WeakSet(_LOCKED)
+    try:
+      return train_and_evaluate(*args, **kwargs)
+    finally:
+      for workdir in [w for w in _LOCKED if w not in before]:
+        workdir.close()
+  return run
 
 
 def run_is_complete(path, start_epoch, num_epochs):
@@ -527,6 +619,9 @@ def start_processes(config):
                                  heartbeat_timeout_seconds=c.process_timeout_s)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f'could not join the other processes ({one_line(e)})') from e
+    # Its preemption notifier replaced the SIGTERM handler by one that only takes note.
+    if signal.getsignal(signal.SIGTERM) is raise_terminated:
+      signal.signal(signal.SIGTERM, raise_terminated)
   return jax.process_index(), jax.process_count()
 
 
@@ -799,13 +894,26 @@ def define_flags(default_config, workdir_help='Where to write the config, metric
                       '<config hash>, printed at start); rerunning with the same workdir resumes.')
 
 
+class Terminated(BaseException):
+  """SIGTERM (kill, Slurm, a sweep's stop), raised in the main thread as Ctrl-C raises
+  KeyboardInterrupt: the files written before are intact (every write is atomic)."""
+
+
+def raise_terminated(signum, frame):
+  del signum, frame
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+  raise Terminated
+
+
 def run_main(script, train_and_evaluate, default_config):
   """The command line of an experiment script: flags, then train_and_evaluate(config,
-  workdir), every expected failure as one line `<script>: error: ...` and exit code 1.
+  workdir), every expected failure as one line `<script>: error: ...` and exit code 1;
+  Ctrl-C and SIGTERM as one line each (exit codes 130 and 143), resumable.
 
   In a multi-process run any other failure (typically a collective that lost a process that
-  died) ends the process at once with os._exit: the orderly shutdown of jax.distributed would
-  wait for the dead process, then abort with a stack dump.
+  died), and an interrupt, end the process at once with os._exit: the orderly shutdown of
+  jax.distributed would wait for the other processes (for a dead one, then abort with a
+  stack dump).
   """
   define_flags(default_config)
   # Not an error: JAX looks for a TPU first and logs its absence at INFO level.
@@ -814,11 +922,15 @@ def run_main(script, train_and_evaluate, default_config):
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError('Too many command-line arguments.')
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
       train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except KeyboardInterrupt:  # the files written before are intact
-      print(f'{script}: interrupted; resume with the same command', file=sys.stderr, flush=True)
-      sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as e:  # the files written before are intact
+      code, what = (143, 'terminated') if isinstance(e, Terminated) else (130, 'interrupted')
+      print(f'{script}: {what}; resume with the same command', file=sys.stderr, flush=True)
+      if jax.distributed.is_initialized():
+        os._exit(code)  # pylint: disable=protected-access
+      sys.exit(code)
     except (ConfigError, FloatingPointError) as e:
       sys.exit(f'{script}: error: {e}')
     except OSError as e:  # a read-only or full disk: the files written before are intact

@@ -1,15 +1,18 @@
 """harness.py: the run machinery every script shares, tested once against the module itself.
 
 A hostile user's workdir (damaged, someone else's, a pickle) is refused with one line and
-left as it was; writes are atomic; metrics are strict JSON; config fields are checked by
-table; the input machinery (download checks, prefetch, ordered reads) and the process shards
-of an epoch. The scripts' own use of it is covered by one smoke case each at the bottom.
+left as it was; writes are atomic; one run at a time holds a workdir; SIGTERM stops a run
+resumably; metrics are strict JSON; config fields are checked by table; the input machinery
+(download checks, prefetch, ordered reads) and the process shards of an epoch. The scripts'
+own use of it is covered by one smoke case each at the bottom.
 """
 import errno
 import http.server
 import json
 import os
 import pickle
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -172,6 +175,36 @@ def test_a_non_writer_touches_no_file(tmp_path):
   workdir.save(1, {'epoch': 1}, state())
   assert not os.path.exists(path)
   assert workdir.history == [{'epoch': 1}]
+
+
+def test_one_run_holds_a_workdir_and_its_successor_reads_the_newest_files(tmp_path):
+  path = str(tmp_path / 'run')
+  first = a_run_after_one_epoch(path)  # started: holds the lock
+  second = harness.Workdir(path, config(), RESUMABLE)  # checking needs no lock
+  before = snapshot(path)
+  with pytest.raises(harness.ConfigError, match=(
+      f'{re.escape(path)} is in use by another run .pid {os.getpid()} on '
+      f'{re.escape(socket.gethostname())}, started 2[0-9-]+ [0-9:]+ UTC.; wait for it')) as refused:
+    second.start()
+  assert '\n' not in str(refused.value) and snapshot(path) == before  # refused: wrote nothing
+  assert harness.read_checkpoint(os.path.join(path, 'checkpoint.npz'))['epoch'] == 1  # reading
+  first.save(2, {'epoch': 2}, state(2.0))  # after the second run's check
+  first.close()
+  second.start()  # checks again: resumes from the newer checkpoint
+  assert second.restore(state(0.0))[1] == 3 and [r['epoch'] for r in second.history] == [1, 2]
+  second.close()
+
+  @harness.releases_workdirs
+  def interrupted_run():
+    workdir = harness.Workdir(path, config(), RESUMABLE)
+    workdir.start()
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt) as interrupted:  # keeps the run's frame alive
+    interrupted_run()
+  third = harness.Workdir(path, config(), RESUMABLE)
+  third.start()  # the decorator released the lock
+  third.close()
+  del interrupted
 
 
 def test_metrics_are_strict_json(tmp_path):
@@ -597,6 +630,99 @@ def test_ctrl_c_ends_with_one_line(idx_dir, tmp_path):
   assert 'Traceback' not in err
 
 
+# --------------------------------------------------------------- one run per workdir, SIGTERM
+# A run paused at a chosen point (tests/paused_run.py: PAUSED on its stdout, then it waits for
+# its stdin), so that each interference lands exactly there; the deadlines only guard
+# against a hang.
+
+TIMING = ('epoch_time_s', 'images_per_s')
+
+
+def mlp_args(idx_dir, workdir):
+  return ['--config=configs/fmnist_mlp.py', f'--config.data_dir={idx_dir}',
+          *helpers.MLP_SMALL_ARGS, '--config.num_epochs=2', f'--workdir={workdir}']
+
+
+def outcome(workdir):
+  """(metrics rows without timing fields, checkpoint arrays) of a finished run."""
+  rows = [{k: v for k, v in r.items() if k not in TIMING} for r in helpers.read_rows(workdir)]
+  with np.load(os.path.join(workdir, 'checkpoint.npz'), allow_pickle=False) as z:
+    return rows, {k: z[k] for k in z.files}
+
+
+def assert_same_outcome(a, b):
+  assert a[0] == b[0] and a[1].keys() == b[1].keys()
+  for k in a[1]:
+    np.testing.assert_array_equal(a[1][k], b[1][k])
+
+
+@pytest.fixture(scope='module')
+def lone_run(idx_dir, tmp_path_factory):
+  """The outcome of an uninterrupted two-epoch run."""
+  workdir = tmp_path_factory.mktemp('lone') / 'run'
+  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return outcome(workdir)
+
+
+def paused_run(args, pause, stderr_path):
+  """tests/paused_run.py with `args`, once it has paused at `pause` (PAUSE_AFTER)."""
+  with open(stderr_path, 'w') as err:
+    proc = subprocess.Popen([sys.executable, 'tests/paused_run.py', *args], cwd=helpers.ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env={**os.environ, 'PAUSE_AFTER': pause})
+  assert select.select([proc.stdout], [], [], 600)[0], 'no pause within 600 s'
+  line = proc.stdout.readline()
+  assert line == 'PAUSED\n', f'{line!r}: {stderr_path.read_text()[-3000:]}'
+  return proc
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_the_first_is_unharmed(idx_dir, tmp_path,
+                                                                        lone_run):
+  workdir = tmp_path / 'run'
+  first = paused_run(mlp_args(idx_dir, workdir), 'save:1', tmp_path / 'first.err')
+  before = snapshot(workdir)
+  second = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr[-3000:]
+  assert second.stderr.strip().splitlines()[-1].startswith(
+      f'fmnist_mlp.py: error: {workdir} is in use by another run (pid {first.pid} on '
+      f'{socket.gethostname()}, started '), second.stderr[-3000:]
+  assert 'step 1/2' not in second.stderr  # stopped before training
+  assert snapshot(workdir) == before
+  first.stdin.close()  # go on
+  assert first.wait(timeout=600) == 0, (tmp_path / 'first.err').read_text()[-3000:]
+  assert_same_outcome(outcome(workdir), lone_run)
+
+
+def test_a_killed_holder_leaves_no_lock_behind(idx_dir, tmp_path, lone_run):
+  workdir = tmp_path / 'run'
+  proc = paused_run(mlp_args(idx_dir, workdir), 'save:1', tmp_path / 'killed.err')
+  proc.kill()
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  assert json.loads((workdir / 'lock').read_text())['pid'] == proc.pid  # the file stays
+  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from {workdir} after epoch 1' in out.stderr
+  assert_same_outcome(outcome(workdir), lone_run)
+
+
+def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(idx_dir, tmp_path,
+                                                                          lone_run):
+  workdir = tmp_path / 'run'
+  proc = paused_run(mlp_args(idx_dir, workdir), 'step:2:1', tmp_path / 'term.err')
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 143  # not -15: the handler ran
+  err = (tmp_path / 'term.err').read_text()
+  assert err.strip().splitlines()[-1] == 'fmnist_mlp.py: terminated; resume with the same command'
+  assert 'Traceback' not in err
+  assert harness.read_checkpoint(str(workdir / 'checkpoint.npz'))['epoch'] == 1
+  assert [r['epoch'] for r in helpers.read_rows(workdir)] == [1]
+  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from {workdir} after epoch 1' in out.stderr
+  assert_same_outcome(outcome(workdir), lone_run)
+
+
 # ----------------------------------------------------------------------------- several processes
 
 def free_port():
@@ -605,10 +731,10 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(i, port, tmp_path, idx_dir, *extra, workdir=None):
+def start(i, port, tmp_path, idx_dir, *extra, workdir=None, **overrides):
   """Process i of a two-process cifar_conv.py run on localhost."""
   return subprocess.Popen(
-      [sys.executable, 'cifar_conv.py', *conv_args(idx_dir),
+      [sys.executable, 'cifar_conv.py', *conv_args(idx_dir, **overrides),
        f'--config.coordinator_address=127.0.0.1:{port}', '--config.num_processes=2',
        f'--config.process_id={i}', '--config.process_timeout_s=5',
        f'--workdir={workdir or tmp_path / f"run{i}"}', *extra],
@@ -643,6 +769,38 @@ def test_a_damaged_checkpoint_of_process_0_stops_every_process(idx_dir, tmp_path
   assert rc0 == rc1 == 1
   assert 'is damaged or not a checkpoint' in line0
   assert line1.startswith('cifar_conv.py: error: process 0 stopped: ') and 'is damaged' in line1
+
+
+def test_a_workdir_locked_by_another_run_stops_every_process(idx_dir, tmp_path):
+  os.mkdir(tmp_path / 'run0')
+  holder = harness.lock_workdir(str(tmp_path / 'run0'))  # this test process holds it
+  port = free_port()
+  (rc0, line0), (rc1, line1) = last_lines([start(0, port, tmp_path, idx_dir),
+                                           start(1, port, tmp_path, idx_dir)])
+  holder.close()
+  assert rc0 == rc1 == 1
+  assert f'is in use by another run (pid {os.getpid()} on ' in line0, line0
+  assert line1.startswith('cifar_conv.py: error: process 0 stopped: ') and 'in use' in line1
+  assert os.listdir(tmp_path / 'run0') == ['lock']  # the holder's: the run wrote nothing
+
+
+def test_sigterm_stops_a_process_of_a_multi_process_run_with_one_line(idx_dir, tmp_path):
+  """jax.distributed's preemption notifier takes SIGTERM over; start_processes hands it back."""
+  port = free_port()
+  procs = [start(i, port, tmp_path, idx_dir, num_epochs=100000) for i in (0, 1)]
+  try:
+    for line in procs[0].stderr:  # after jax.distributed.initialize; only a signal ends the run
+      if 'workdir:' in line:
+        break
+    procs[0].send_signal(signal.SIGTERM)
+    [(rc0, line0)] = last_lines(procs[:1])
+    assert (rc0, line0) == (143, 'cifar_conv.py: terminated; resume with the same command')
+    procs[1].communicate(timeout=120)
+    assert procs[1].returncode != 0  # it lost process 0
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
 
 
 def test_a_process_without_process_0_stops_after_the_timeout(idx_dir, tmp_path):

@@ -1,0 +1,47 @@
+"""fmnist_mlp.py's command line, paused once at a chosen point so that a test can act there
+(start a second run, kill -9, SIGTERM) without guessing at timing:
+
+    PAUSE_AFTER=save:1 python tests/paused_run.py --config=configs/fmnist_mlp.py ... --workdir=W
+
+PAUSE_AFTER=save:E pauses right after epoch E's checkpoint is written; step:E:K right after
+the K-th training step of epoch E (mid-epoch). There it prints PAUSED to stdout and waits
+for a line (or the end) on stdin; a helper of test_harness.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fmnist_mlp  # pylint: disable=wrong-import-position
+import harness  # pylint: disable=wrong-import-position
+
+KIND, *AT = os.environ['PAUSE_AFTER'].split(':')
+AT = [int(a) for a in AT]
+
+
+def pause():
+  print('PAUSED', flush=True)
+  sys.stdin.readline()
+
+
+_save, _add = harness.Workdir.save, harness.Progress.add
+
+
+def save_then_pause(self, epoch, row, state):
+  _save(self, epoch, row, state)
+  if KIND == 'save' and [epoch] == AT:
+    pause()
+
+
+def add_then_pause(self, metrics):
+  going = _add(self, metrics)
+  if KIND == 'step' and [self.epoch, len(self.values['loss'])] == AT:
+    pause()
+  return going
+
+
+harness.Workdir.save = save_then_pause
+harness.Progress.add = add_then_pause
+
+if __name__ == '__main__':
+  harness.run_main(fmnist_mlp.SCRIPT, fmnist_mlp.train_and_evaluate, 'configs/fmnist_mlp.py')
