@@ -619,7 +619,8 @@ def start_processes(config):
                                  heartbeat_timeout_seconds=c.process_timeout_s)
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f'could not join the other processes ({one_line(e)})') from e
-    # Its preemption notifier replaced the SIGTERM handler by one that only takes note.
+    # Its preemption notifier installs a C-level SIGTERM handler that only takes note (Python
+    # still reports ours): where run_main set raise_terminated, set it again.
     if signal.getsignal(signal.SIGTERM) is raise_terminated:
       signal.signal(signal.SIGTERM, raise_terminated)
   return jax.process_index(), jax.process_count()

@@ -48,6 +48,47 @@ def run_script(script, args, env=None, timeout=None):
                         timeout=timeout)
 
 
+_CASES_DRIVER = '''
+import importlib, json, os, runpy, sys, tempfile, traceback
+script, cases = sys.argv[1], json.loads(sys.argv[2])
+importlib.import_module(script[:-3])  # its imports (JAX, the scripts), once for every case
+results = []
+for args in cases:
+  with tempfile.TemporaryFile() as err:
+    pid = os.fork()
+    if pid == 0:  # the child: `python script *args`, stderr into err
+      os.dup2(err.fileno(), 2)
+      sys.argv, code = [script, *args], 0
+      try:
+        runpy.run_path(script, run_name='__main__')
+      except SystemExit as e:  # as the interpreter reports it
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+          print(e.code, file=sys.stderr)
+      except BaseException:  # pylint: disable=broad-except
+        traceback.print_exc()
+        code = 1
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code or 0)
+    _, status = os.waitpid(pid, 0)
+    err.seek(0)
+    results.append((os.waitstatus_to_exitcode(status), err.read().decode(errors='replace')))
+print('RESULTS ' + json.dumps(results))
+'''
+
+
+def run_cases(script, cases, env=None):
+  """[(exit code, stderr)] of `python script *args` for each list of args in `cases`, from
+  one interpreter: it imports the script's modules once, then forks a fresh child per case
+  that runs the script's command line (its __main__ block) with those arguments. For the
+  command-line cases that stop before any compute (each interpreter costs seconds of
+  imports)."""
+  out = run_script('-c', [_CASES_DRIVER, script, json.dumps(cases)], env)
+  assert out.returncode == 0 and 'RESULTS ' in out.stdout, out.stderr[-3000:]
+  return [tuple(r) for r in json.loads(out.stdout.split('RESULTS ', 1)[1])]
+
+
 def read_rows(workdir):
   """The rows of workdir/metrics.jsonl (strict: every line must be JSON)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -1136,6 +1136,7 @@ def run_on_mock_data(runs, env=None):
   return out, [json.loads(l[4:]) for l in out.stdout.splitlines() if l.startswith('ROW ')]
 
 
+@pytest.mark.slow
 def test_mock_cifar10_and_cifar100_train_write_metrics_and_a_checkpoint_and_resume(tmp_path):
   hundred, ten = str(tmp_path / 'c100'), str(tmp_path / 'c10')
   two = dict(CIFAR_SMALL_CONFIG, num_epochs=2)
@@ -1218,6 +1219,7 @@ def test_hep_with_no_points_runs_as_hep_exact_and_the_config_is_left_as_it_is():
     cc.check_config(config, 1)
 
 
+@pytest.mark.slow
 def test_the_user_command_fails_fast_without_the_data(tmp_path):
   """The user's command where the download cannot be reached (tests/offline_run.py closes
   the address): one line naming the data set and the way out, nothing written."""

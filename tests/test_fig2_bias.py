@@ -206,6 +206,7 @@ def run_fig2(args, code=None):
   return run_script('fig2_bias.py', args) if code is None else run_script('-c', [code, *args])
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_before_any_compute(tmp_path):
   out = run_fig2([f'--workdir={tmp_path}/a', '--config.sweep_n_points=(1,0)'])
   assert out.returncode == 1
@@ -223,6 +224,7 @@ def test_cli_errors_are_one_line_before_any_compute(tmp_path):
   assert not any(os.path.exists(tmp_path / w) for w in 'abcd')
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_output(tmp_path):
   data = tmp_path / 'idx'
   data.mkdir()

@@ -313,20 +313,14 @@ def test_bad_config_is_a_one_line_error(overrides, message):
   assert '\n' not in str(error.value)
 
 
+# ----------------------------------------------------------------- end to end
+
 def run_feedback(args, env=None):
   return run_script('fmnist_feedback.py', args, env)
 
 
-def test_cli_reports_bad_input_before_compiling(tmp_path):
-  out = run_feedback([f'--workdir={tmp_path}', '--config.layer_updates=alternating'])
-  assert out.returncode == 1
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      'fmnist_feedback.py: error: unknown layer_updates')
-  assert not os.path.exists(tmp_path / 'checkpoint.npz')
 
-
-# ----------------------------------------------------------------- end to end
-
+@pytest.mark.slow
 def test_training_writes_metrics_and_a_checkpoint_and_resumes(idx_dir, tmp_path):
   """Epoch 1 on two fake CPU devices (pmap, pmean, lockstep), epoch 2 resumed on one."""
   workdir = str(tmp_path / 'run')

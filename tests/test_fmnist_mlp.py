@@ -15,9 +15,6 @@ import importlib
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -28,14 +25,11 @@ import common
 import fmnist_mlp
 import harness
 from configs import fmnist_mlp as mlp_config
-from helpers import (BATCH, MLP_RUN_ARGS, MLP_SMALL_ARGS, ROOT, Exploit, free_fixed_point,
-                     read_rows, run_script, snapshot, tiny_mlp)
+from helpers import (BATCH, MLP_SMALL_ARGS, Exploit, free_fixed_point, read_rows, run_cases,
+                     run_script, snapshot, tiny_mlp)
 
 SCRIPTS = ['fmnist_mlp', 'fmnist_feedback']
 
-
-def run_mlp(args, env=None):
-  return run_script('fmnist_mlp.py', args, env)
 
 
 def module_and_config(name):
@@ -207,48 +201,7 @@ def test_a_pickled_checkpoint_is_a_one_line_error_and_the_workdir_stays_as_it_wa
 
 
 # ---------------------------------------------------------------- the command line
-
-CLI_CASES = [
-    (['--config.lerning_rate=1'], 'learning_rate'),  # misspelt: names the right field
-    (['--config=configs/nope.py'], 'nope.py'),
-    (['--config.hidden_sizes=(64.5,)'], 'hidden_sizes must be a tuple of >= 1 positive integers'),
-    (['--config.learning_rate=nan'], 'learning_rate must be finite'),
-    (['--config.seed=-1'], 'seed must be >= 0'),
-    (['--workdir=/proc/no/such/folder'], 'cannot write the workdir'),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('name', SCRIPTS)
-@pytest.mark.parametrize('args, message', CLI_CASES)
-def test_cli_errors_are_one_line_without_traceback(name, args, message, tmp_path):
-  workdir = [] if any(a.startswith('--workdir') for a in args) else [f'--workdir={tmp_path}/w']
-  out = run_script(f'{name}.py', [f'--config=configs/{name}.py', *workdir, *args])
-  assert out.returncode == 1, out.stderr[-2000:]
-  assert 'Traceback' not in out.stderr, out.stderr[-2000:]
-  last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'{name}.py: error: ') and message in last, last
-  assert not os.path.exists(tmp_path / 'w' / 'checkpoint.npz')
-
-
-@pytest.mark.slow
-def test_cli_reports_bad_input_before_compiling(tmp_path):
-  out = run_mlp([f'--workdir={tmp_path}', '--config.n_points=-2'])
-  assert out.returncode == 1
-  assert out.stderr.strip().splitlines()[-1].startswith('fmnist_mlp.py: error: n_points')
-  out = run_mlp([f'--workdir={tmp_path}', f'--config.data_dir={tmp_path}/none'])
-  assert out.returncode == 1 and 'IDX files missing' in out.stderr
-  assert not os.path.exists(tmp_path / 'checkpoint.npz')
-
-
-@pytest.mark.slow
-def test_workdir_naming_a_file_is_refused(tmp_path):
-  path = tmp_path / 'a_file'
-  spoil(path, b'keep me')
-  out = run_mlp([f'--workdir={path}'])
-  assert out.returncode == 1 and 'is a file, not a folder' in out.stderr.strip().splitlines()[-1]
-  assert path.read_bytes() == b'keep me'
-
+# (Bad input on the command line of both scripts: tests/test_harness.py.)
 
 def test_without_workdir_a_default_folder_is_derived_from_the_config(idx_dir, tmp_path):
   module, _ = module_and_config('fmnist_mlp')
@@ -315,77 +268,29 @@ def test_a_run_writes_its_rows_its_config_and_a_checkpoint(mlp_run):
   assert saved['hidden_sizes'] == [32, 16] and saved['homeo_coef'] == 0.5
 
 
-# ---------------------------------------- divergence, kill -9 and resume, compiles
-
-@pytest.mark.slow
-def test_divergence_is_reported(idx_dir, tmp_path):
-  out = run_mlp([f'--workdir={tmp_path}', f'--config.data_dir={idx_dir}', *MLP_SMALL_ARGS,
-                 '--config.num_epochs=1', '--config.batch_size=20',
-                 '--config.learning_rate=1e38'])
-  assert out.returncode == 1
-  assert 'diverged in epoch 1' in out.stderr.strip().splitlines()[-1]
-  assert read_rows(str(tmp_path))[0]['diverged'] and not os.path.exists(
-      tmp_path / 'checkpoint.npz')
-
+# ---------------------------------------- divergence, compiles
+# (kill -9 and resume, SIGTERM, a second run: tests/test_harness.py)
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', SCRIPTS)
-def test_a_finite_blow_up_stops_like_a_nan_run(name, idx_dir, tmp_path):
-  workdir = tmp_path / 'run'
-  out = run_script(f'{name}.py', [
-      f'--config=configs/{name}.py', f'--workdir={workdir}', f'--config.data_dir={idx_dir}',
-      *MLP_SMALL_ARGS, '--config.num_epochs=2', '--config.batch_size=20',
-      '--config.learning_rate=1e3', '--config.max_train_loss=3.0'])
-  assert out.returncode == 1, out.stderr[-2000:]
-  last = out.stderr.strip().splitlines()[-1]
-  assert 'diverged in epoch' in last and 'Traceback' not in out.stderr, last
-  rows = read_rows(str(workdir))
-  assert rows[-1]['diverged']
-  if len(rows) == 1:
-    assert not (workdir / 'checkpoint.npz').exists() and 'no checkpoint was written' in last
-
-
-def checkpoint_arrays(workdir):
-  with np.load(os.path.join(workdir, 'checkpoint.npz'), allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
-
-
-def without_timing(row):
-  return {k: v for k, v in row.items() if k not in ('epoch_time_s', 'images_per_s')}
-
-
-@pytest.mark.slow
-def test_kill_9_after_a_checkpoint_then_a_longer_resume_is_bit_identical(mlp_run, tmp_path):
-  """The run of mlp_run started for 2 epochs, killed right after epoch 1's checkpoint (it
-  waits there: tests/paused_run.py), its metrics file lost, then resumed for 3 epochs (the
-  MLP's learning rate is constant, so num_epochs may grow): the same parameters, optimizer
-  state and rows as the uninterrupted 3-epoch run, bit for bit."""
-  killed = str(tmp_path / 'killed')
-  args = [*MLP_RUN_ARGS, f'--config.data_dir={mlp_run["data_dir"]}', f'--workdir={killed}']
-  proc = subprocess.Popen([sys.executable, 'tests/paused_run.py', *args, '--config.num_epochs=2'],
-                          cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True,
-                          env={**os.environ, 'PAUSE_AFTER': 'save:1'})
-  assert proc.stdout.readline().strip() == 'PAUSED'  # epoch 1's checkpoint is on disk
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert json.loads(str(checkpoint_arrays(killed)['meta']))['epoch'] == 1  # whole, epoch 1
-  os.remove(os.path.join(killed, 'metrics.jsonl'))
-
-  out = run_mlp([*args, '--config.num_epochs=3'])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f'resuming from {killed} after epoch 1' in out.stderr
-  assert 'metrics.jsonl is missing' in out.stderr and 'epoch 1  step' not in out.stderr
-  a, b = checkpoint_arrays(mlp_run['workdir']), checkpoint_arrays(killed)
-  assert a.keys() == b.keys()
-  for k in a:
-    if k != 'meta':
-      np.testing.assert_array_equal(a[k], b[k])
-  straight = read_rows(mlp_run['workdir'])[1:]
-  assert [without_timing(r) for r in read_rows(killed)] == [without_timing(r) for r in straight]
-
-  changed = run_mlp([*args, '--config.beta=0.1'])
-  assert changed.returncode == 1 and 'different config (beta)' in changed.stderr
+def test_a_nan_run_and_a_finite_blow_up_stop_with_one_line(name, idx_dir, tmp_path):
+  """A loss that becomes NaN (learning rate 1e38) and one that stays finite but exceeds
+  max_train_loss both stop the run: one line, the row marked diverged, the last good
+  checkpoint kept (none after epoch 1). Both cases from one interpreter (run_cases)."""
+  base = [f'--config=configs/{name}.py', f'--config.data_dir={idx_dir}', *MLP_SMALL_ARGS,
+          '--config.num_epochs=2', '--config.batch_size=20']
+  nan, finite = tmp_path / 'nan', tmp_path / 'finite'
+  results = run_cases(f'{name}.py', [
+      [*base, f'--workdir={nan}', '--config.learning_rate=1e38'],
+      [*base, f'--workdir={finite}', '--config.learning_rate=1e3', '--config.max_train_loss=3.0']])
+  for workdir, (code, err) in zip((nan, finite), results):
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and 'diverged in epoch' in last and 'Traceback' not in err, err[-2000:]
+    rows = read_rows(str(workdir))
+    assert rows[-1]['diverged']
+    if len(rows) == 1:
+      assert not (workdir / 'checkpoint.npz').exists() and 'no checkpoint was written' in last
+  assert 'diverged in epoch 1' in results[0][1]  # NaN from the first steps on
 
 
 @pytest.mark.slow

@@ -523,26 +523,70 @@ def test_two_devices_train_as_one(mlp_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- every script
+# Bad input on each script's command line: one line `<script>: error: ...` (exit status 1,
+# no traceback) before any compute, and nothing written. Each script's cases run from one
+# interpreter (helpers.run_cases); DATA in an argument is a folder of the IDX look-alikes.
 
-SMOKE = [('fmnist_mlp.py', 'configs/fmnist_mlp.py'),
-         ('fmnist_feedback.py', 'configs/fmnist_feedback.py'),
-         ('cifar_conv.py', 'configs/cifar10.py'),
-         ('imagenet32_conv.py', 'configs/imagenet32.py')]
+CONFIGS = {'fmnist_mlp.py': 'configs/fmnist_mlp.py',
+           'fmnist_feedback.py': 'configs/fmnist_feedback.py',
+           'cifar_conv.py': 'configs/cifar10.py', 'imagenet32_conv.py': 'configs/imagenet32.py'}
+EVERY_SCRIPT = [  # (arguments, the message's start after '<script>: error: ', or a part of it)
+    (['--config.seed=-1'], 'seed must be >= 0, got -1'),
+    (['--config.no_such_field=1'], 'no_such_field'),
+    (['--config.lerning_rate=1'], 'Did you mean "learning_rate"'),  # misspelt: the right name
+    (['--config.learning_rate=nan'], 'learning_rate must be finite'),
+    (['--config.seed=1', '--config.seed=2'], '--config.seed given more than once'),
+    (['--config=configs/no_such_file.py'], 'the config file configs/no_such_file.py does not exist'),
+]
+SCRIPT_CASES = {
+    'fmnist_mlp.py': [
+        (['--config.hidden_sizes=(64.5,)'],
+         'hidden_sizes must be a tuple of >= 1 positive integers'),
+        (['--config.n_points=-2'], 'n_points must be >= 0'),
+        (['--config.data_dir=NONE'], 'Fashion-MNIST IDX files missing in NONE'),
+        (['--config.data_dir=DATA', '--config.train_size=100', '--config.batch_size=120'],
+         'batch_size=120 exceeds the 100 training images')],
+    'fmnist_feedback.py': [
+        (['--config.layer_updates=alternating'], 'unknown layer_updates'),
+        (['--config.hidden_sizes=(32,)'], 'hidden_sizes needs >= 2 layers')],
+    'cifar_conv.py': [
+        (['--config.channels=(8,0,8,8)'], 'channels must be a tuple of >= 2 positive integers'),
+        (['--config.dataset=fashion_mnist', '--config.data_dir=NONE'],
+         'Fashion-MNIST IDX files missing in NONE'),
+        (['--config.dataset=fashion_mnist', '--config.data_dir=DATA', '--config.batch_size=256',
+          '--config.channels=(4,4,4,4)'], 'batch_size=256 exceeds the 200 training images')],
+    'imagenet32_conv.py': [(['--config.train_size=2000000'], 'train_size must be <= 1281167')],
+}
+# A workdir that cannot be written is found once the data are read (the conv scripts: a
+# Fashion-MNIST-32 run; ImageNet cannot be read here); one that names a file, at once.
+UNWRITABLE = {'fmnist_mlp.py': [], 'fmnist_feedback.py': [],
+              'cifar_conv.py': ['--config.dataset=fashion_mnist', '--config.data_dir=DATA',
+                                '--config.channels=(4,4,4,4)', '--config.batch_size=16',
+                                '--config.diag_batch_size=4']}
 
 
-@pytest.mark.parametrize('script,config_file', SMOKE)
-def test_every_script_reports_bad_input_in_one_line_and_writes_nothing(script, config_file,
-                                                                       tmp_path):
-  workdir = tmp_path / 'run'
-  for args, message in ((['--config.seed=-1'], 'seed must be >= 0'),
-                        (['--config.no_such_field=1'], 'no_such_field')):
-    out = run_script(script, [f'--config={config_file}', f'--workdir={workdir}', *args])
-    assert out.returncode == 1, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f'{script}: error: ') and message in last, out.stderr[-2000:]
-    assert 'Traceback' not in out.stderr
-    assert "Unable to initialize backend 'tpu'" not in out.stderr  # reads like an error
-    assert not workdir.exists()
+@pytest.mark.slow
+@pytest.mark.parametrize('script', sorted(CONFIGS))
+def test_bad_input_on_every_command_line_is_one_line_and_writes_nothing(script, idx_dir,
+                                                                         tmp_path):
+  (tmp_path / 'a_file').write_bytes(b'keep me')
+  cases = EVERY_SCRIPT + SCRIPT_CASES[script] + [
+      ([f'--workdir={tmp_path / "a_file"}'], 'is a file, not a folder')]
+  if script in UNWRITABLE:
+    cases.append((['--workdir=/proc/no/such/folder', *UNWRITABLE[script]],
+                  'cannot write the workdir'))
+  argv = []
+  for i, (args, _) in enumerate(cases):
+    args = [a.replace('DATA', idx_dir).replace('NONE', str(tmp_path / 'none')) for a in args]
+    config = [] if any(a.startswith('--config=') for a in args) else [f'--config={CONFIGS[script]}']
+    argv.append([*config, f'--workdir={tmp_path / f"run{i}"}', *args])  # the last one counts
+  for (_, message), (code, err) in zip(cases, helpers.run_cases(script, argv)):
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith(f'{script}: error: '), err[-2000:]
+    assert message.replace('NONE', str(tmp_path / 'none')) in last, (message, last)
+    assert 'Traceback' not in err and "Unable to initialize backend 'tpu'" not in err
+  assert sorted(os.listdir(tmp_path)) == ['a_file']  # no run folder was made
+  assert (tmp_path / 'a_file').read_bytes() == b'keep me'
 
 
 # ----------------------------------------------------------------------------- start-up faults
@@ -576,21 +620,6 @@ def test_progress_lines_give_the_whole_runs_eta(caplog):
   assert 'step 2/4' in caplog.text and '(run ' in caplog.text and ' h)' in caplog.text
 
 
-MLP_ARGS = ['--config=configs/fmnist_mlp.py', '--config.hidden_sizes=(8,8)']
-CLI_CASES = [
-    (['--config.hidden_sizes=(16,16)', '--config.hidden_sizes=(16,16)'],
-     '--config.hidden_sizes given more than once'),
-    (['--config=configs/no_such_file.py'], 'the config file configs/no_such_file.py does not exist'),
-]
-
-
-@pytest.mark.parametrize('args,message', CLI_CASES)
-def test_command_line_mistakes_are_one_line(args, message, tmp_path):
-  out = run_script('fmnist_mlp.py', [*MLP_ARGS, *args, f'--workdir={tmp_path / "run"}'])
-  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == f'fmnist_mlp.py: error: {message}'
-  assert 'Traceback' not in out.stderr and not (tmp_path / 'run').exists()
-
-
 def conv_args(data_dir, **overrides):
   """A tiny cifar_conv.py run on Fashion-MNIST-32 look-alikes."""
   fields = dict(dataset='fashion_mnist', data_dir=data_dir, channels='(4,4,4,4)', t_free=5,
@@ -600,22 +629,11 @@ def conv_args(data_dir, **overrides):
   return ['--config=configs/cifar10.py', *(f'--config.{k}={v}' for k, v in fields.items())]
 
 
-def test_a_failed_start_writes_nothing(idx_dir, tmp_path):
-  """Checks that need the data fail before the workdir is created (a corrected command then
-  starts in the same --workdir)."""
-  workdir = tmp_path / 'run'
-  for args, message in (
-      (conv_args(idx_dir, train_size=0, batch_size=256),
-       'batch_size=256 exceeds the 200 training images'),
-      (conv_args(str(tmp_path)), 'Fashion-MNIST IDX files missing')):
-    out = run_script('cifar_conv.py', [*args, f'--workdir={workdir}'])
-    assert out.returncode == 1 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
-    assert not workdir.exists()
-
-
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line(idx_dir, tmp_path):
   # Python's own Ctrl-C handler in the child even where this process ignores SIGINT.
-  argv = ['cifar_conv.py', *conv_args(idx_dir), f'--workdir={tmp_path / "run"}']
+  # 100,000 epochs: only the signal can end the run, wherever it lands.
+  argv = ['cifar_conv.py', *conv_args(idx_dir, num_epochs=100000), f'--workdir={tmp_path / "run"}']
   code = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
           f'sys.argv = {argv!r}; runpy.run_path("cifar_conv.py", run_name="__main__")')
   proc = subprocess.Popen([sys.executable, '-c', code], cwd=helpers.ROOT,
@@ -638,9 +656,12 @@ def test_ctrl_c_ends_with_one_line(idx_dir, tmp_path):
 TIMING = ('epoch_time_s', 'images_per_s')
 
 
-def mlp_args(idx_dir, workdir):
-  return ['--config=configs/fmnist_mlp.py', f'--config.data_dir={idx_dir}',
-          *helpers.MLP_SMALL_ARGS, '--config.num_epochs=2', f'--workdir={workdir}']
+def mlp_args(mlp_run, workdir, *changes):
+  """The command line of the session's shared run (conftest.mlp_run) in another workdir,
+  with `changes` (--config.field=value) in place of its own values of those fields."""
+  changed = {a.split('=', 1)[0] for a in changes}
+  return [*(a for a in helpers.MLP_RUN_ARGS if a.split('=', 1)[0] not in changed),
+          f'--config.data_dir={mlp_run["data_dir"]}', f'--workdir={workdir}', *changes]
 
 
 def outcome(workdir):
@@ -656,15 +677,6 @@ def assert_same_outcome(a, b):
     np.testing.assert_array_equal(a[1][k], b[1][k])
 
 
-@pytest.fixture(scope='module')
-def lone_run(idx_dir, tmp_path_factory):
-  """The outcome of an uninterrupted two-epoch run."""
-  workdir = tmp_path_factory.mktemp('lone') / 'run'
-  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return outcome(workdir)
-
-
 def paused_run(args, pause, stderr_path):
   """tests/paused_run.py with `args`, once it has paused at `pause` (PAUSE_AFTER)."""
   with open(stderr_path, 'w') as err:
@@ -677,12 +689,12 @@ def paused_run(args, pause, stderr_path):
   return proc
 
 
-def test_a_second_run_on_a_workdir_is_refused_and_the_first_is_unharmed(idx_dir, tmp_path,
-                                                                        lone_run):
+@pytest.mark.slow
+def test_a_second_run_on_a_workdir_is_refused_and_the_first_is_unharmed(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
-  first = paused_run(mlp_args(idx_dir, workdir), 'save:1', tmp_path / 'first.err')
+  first = paused_run(mlp_args(mlp_run, workdir), 'save:1', tmp_path / 'first.err')
   before = snapshot(workdir)
-  second = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  second = run_script('fmnist_mlp.py', mlp_args(mlp_run, workdir))
   assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr[-3000:]
   assert second.stderr.strip().splitlines()[-1].startswith(
       f'fmnist_mlp.py: error: {workdir} is in use by another run (pid {first.pid} on '
@@ -691,25 +703,38 @@ def test_a_second_run_on_a_workdir_is_refused_and_the_first_is_unharmed(idx_dir,
   assert snapshot(workdir) == before
   first.stdin.close()  # go on
   assert first.wait(timeout=600) == 0, (tmp_path / 'first.err').read_text()[-3000:]
-  assert_same_outcome(outcome(workdir), lone_run)
+  assert_same_outcome(outcome(workdir), outcome(mlp_run['workdir']))
 
 
-def test_a_killed_holder_leaves_no_lock_behind(idx_dir, tmp_path, lone_run):
+@pytest.mark.slow
+def test_kill_9_leaves_no_lock_and_a_longer_resume_is_bit_identical(mlp_run, tmp_path):
+  """The shared run's command started for 2 epochs, killed right after epoch 1's checkpoint,
+  its metrics file lost, then resumed for 3 (the MLP's learning rate is constant, so
+  num_epochs may grow): the uninterrupted 3-epoch run's parameters, optimizer state and
+  rows, bit for bit."""
   workdir = tmp_path / 'run'
-  proc = paused_run(mlp_args(idx_dir, workdir), 'save:1', tmp_path / 'killed.err')
+  proc = paused_run(mlp_args(mlp_run, workdir, '--config.num_epochs=2'), 'save:1',
+                    tmp_path / 'killed.err')
   proc.kill()
   assert proc.wait(timeout=60) == -signal.SIGKILL
   assert json.loads((workdir / 'lock').read_text())['pid'] == proc.pid  # the file stays
-  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  assert harness.read_checkpoint(str(workdir / 'checkpoint.npz'))['epoch'] == 1  # whole
+  os.remove(workdir / 'metrics.jsonl')
+  out = run_script('fmnist_mlp.py', mlp_args(mlp_run, workdir))
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'resuming from {workdir} after epoch 1' in out.stderr
-  assert_same_outcome(outcome(workdir), lone_run)
+  assert 'metrics.jsonl is missing' in out.stderr and 'epoch 1  step' not in out.stderr
+  rows, arrays = outcome(workdir)
+  straight_rows, straight_arrays = outcome(mlp_run['workdir'])
+  assert_same_outcome((rows, arrays), (straight_rows[1:], straight_arrays))
+  changed = run_script('fmnist_mlp.py', mlp_args(mlp_run, workdir, '--config.beta=0.1'))
+  assert changed.returncode == 1 and 'different config (beta)' in changed.stderr
 
 
-def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(idx_dir, tmp_path,
-                                                                          lone_run):
+@pytest.mark.slow
+def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
-  proc = paused_run(mlp_args(idx_dir, workdir), 'step:2:1', tmp_path / 'term.err')
+  proc = paused_run(mlp_args(mlp_run, workdir), 'step:2:1', tmp_path / 'term.err')
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=60) == 143  # not -15: the handler ran
   err = (tmp_path / 'term.err').read_text()
@@ -717,10 +742,10 @@ def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(idx_di
   assert 'Traceback' not in err
   assert harness.read_checkpoint(str(workdir / 'checkpoint.npz'))['epoch'] == 1
   assert [r['epoch'] for r in helpers.read_rows(workdir)] == [1]
-  out = run_script('fmnist_mlp.py', mlp_args(idx_dir, workdir))
+  out = run_script('fmnist_mlp.py', mlp_args(mlp_run, workdir))
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'resuming from {workdir} after epoch 1' in out.stderr
-  assert_same_outcome(outcome(workdir), lone_run)
+  assert_same_outcome(outcome(workdir), outcome(mlp_run['workdir']))
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -751,6 +776,7 @@ def last_lines(procs, timeout=120):
   return out
 
 
+@pytest.mark.slow
 def test_processes_started_with_different_flags_all_stop_at_once(idx_dir, tmp_path):
   port = free_port()
   procs = [start(0, port, tmp_path, idx_dir), start(1, port, tmp_path, idx_dir, '--config.seed=1')]
@@ -759,6 +785,7 @@ def test_processes_started_with_different_flags_all_stop_at_once(idx_dir, tmp_pa
   assert last_lines(procs) == [(1, message), (1, message)]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_of_process_0_stops_every_process(idx_dir, tmp_path):
   (tmp_path / 'bad').mkdir()
   (tmp_path / 'bad' / 'checkpoint.npz').write_bytes(b'garbage')
@@ -771,6 +798,7 @@ def test_a_damaged_checkpoint_of_process_0_stops_every_process(idx_dir, tmp_path
   assert line1.startswith('cifar_conv.py: error: process 0 stopped: ') and 'is damaged' in line1
 
 
+@pytest.mark.slow
 def test_a_workdir_locked_by_another_run_stops_every_process(idx_dir, tmp_path):
   os.mkdir(tmp_path / 'run0')
   holder = harness.lock_workdir(str(tmp_path / 'run0'))  # this test process holds it
@@ -784,6 +812,7 @@ def test_a_workdir_locked_by_another_run_stops_every_process(idx_dir, tmp_path):
   assert os.listdir(tmp_path / 'run0') == ['lock']  # the holder's: the run wrote nothing
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_process_of_a_multi_process_run_with_one_line(idx_dir, tmp_path):
   """jax.distributed's preemption notifier takes SIGTERM over; start_processes hands it back."""
   port = free_port()
@@ -803,11 +832,13 @@ def test_sigterm_stops_a_process_of_a_multi_process_run_with_one_line(idx_dir, t
         proc.kill()
 
 
+@pytest.mark.slow
 def test_a_process_without_process_0_stops_after_the_timeout(idx_dir, tmp_path):
   [(rc, line)] = last_lines([start(1, free_port(), tmp_path, idx_dir)], timeout=60)
   assert rc == 1 and 'process 0 is not listening at 127.0.0.1:' in line and 'after 5 s' in line
 
 
+@pytest.mark.slow
 def test_a_bad_or_busy_coordinator_port_is_one_line(idx_dir, tmp_path):
   [(rc, line)] = last_lines([start(0, 'http', tmp_path, idx_dir)])
   assert rc == 1 and 'coordinator_address must be host:port with a port in 1..65535' in line

@@ -88,6 +88,7 @@ def test_the_imagenet_config_is_the_cifar10_one_but_for_the_data_set():
     cifar_conv.check_config(inet, 1)
 
 
+@pytest.mark.slow
 def test_the_user_command_fails_fast_without_the_data(tmp_path):
   """The user's command where the download cannot be reached (tests/offline_run.py closes
   the address): one line, nothing written."""
@@ -141,6 +142,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_write_once_survive_a_kill_and_resume(tmp_path):
   # The reference: one process, two devices, two epochs of two global batches of 16.
   one = str(tmp_path / 'one')

@@ -24,6 +24,7 @@ def test_a_public_address_or_name_is_refused_here_and_logged(tmp_path, monkeypat
   assert log.read_text().count('\n') == 3
 
 
+@pytest.mark.slow
 def test_a_started_python_is_guarded_too(tmp_path, monkeypatch):
   log = tmp_path / 'log'
   monkeypatch.setenv(netguard.LOG, str(log))
@@ -41,6 +42,7 @@ def test_loopback_passes(silent_server):
   assert not netguard.is_local('example.com') and not netguard.is_local('10.0.0.1')
 
 
+@pytest.mark.slow
 def test_a_test_that_swallows_the_refusal_still_fails():
   out = run_script('-m', ['pytest', '-q', '-p', 'no:cacheprovider',
                           os.path.join('tests', 'netguard', 'attempt.py')])

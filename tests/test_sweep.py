@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 from absl import flags
@@ -245,6 +244,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_sweep_and_its_runs_even_with_sigint_ignored(tmp_path):
   """A sweep started with `&` from a script ignores SIGINT; `kill PID` must still stop it."""
   fake = tmp_path / 'slow_python'
