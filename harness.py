@@ -394,19 +394,24 @@ def run_is_complete(path, start_epoch, num_epochs):
   return False
 
 
-def read_rows(path):
+def read_rows(path, skipped=None):
   """metrics.jsonl rows sorted by epoch, read leniently for reports (unreadable lines skipped,
-  the last row of an epoch wins; [] if the file is missing or unreadable)."""
+  the last row of an epoch wins; [] if the file is missing or unreadable). `skipped(line
+  number, reason)`, if given, is called for each line left out."""
   by_epoch = {}
   try:
-    with open(path) as f:
-      for line in f:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      for number, line in enumerate(f, 1):
         try:
           row = json.loads(line)
         except ValueError:
+          if skipped:
+            skipped(number, 'not JSON')
           continue
         if isinstance(row, dict) and isinstance(row.get('epoch'), int):
           by_epoch[row['epoch']] = row
+        elif skipped:
+          skipped(number, 'not a metrics row: no integer epoch')
   except OSError:
     return []
   return [by_epoch[e] for e in sorted(by_epoch)]

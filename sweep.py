@@ -17,7 +17,8 @@ done once results/<group>/<name>.jsonl holds num_epochs epochs; done runs are sk
 When a run finishes, its metrics.jsonl is copied to results/<group>/<name>.jsonl next to
 a sidecar <name>.meta.json (command, producing git commit, date, machine, wall time since
 the last start, summed epoch time of all epochs), and with --commit exactly those two
-files are committed.
+files are committed. `python plot.py` then draws the figures and the report from results/;
+`python plot.py --runs=runs/sweep/<group>/<name>,...` draws the curves of runs still going.
 
 The plan, in the order the runs start (all seed 0 unless stated; the paper averages 5 seeds
 (3 for Fig. 3) and trains 50 epochs everywhere; the epoch counts below are what a CPU budget

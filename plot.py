@@ -1,11 +1,24 @@
-r"""Figures and a report for the Fashion-MNIST reproduction (Table 1, Fig. 3, Fig. 4a-h; Table 2
-and Fig. 4i-l in miniature).
+r"""Figures of training runs: the Fashion-MNIST reproduction's report (Table 1, Fig. 3,
+Fig. 4a-h; Table 2 and Fig. 4i-l in miniature), and the curves of any runs.
 
-    python plot_fmnist.py                       # reads results/<group>/<name>.jsonl
-    python plot_fmnist.py --results_dir=/tmp/r --out_dir=/tmp/report
+    python plot.py                              # the sweep's report: results/<group>/<name>.jsonl
+    python plot.py --results_dir=/tmp/r --out_dir=/tmp/report
+    python plot.py --runs=runs/a,runs/b --out=curves.png   # any runs, also while they train
 
-Reads the per-epoch metrics that sweep.py copies to results/<group>/<name>.jsonl (the runs
-of sweep.plan()) and writes
+**Any runs** (`--runs`, comma-separated): each is a workdir (its metrics.jsonl, and its
+config.json for the legend) or a committed result results/<group>/<name>.jsonl (the legend's
+config from the command in its <name>.meta.json: the --config file's name and the
+--config.field=value flags). One PNG (--out, default runs.png in the current folder; nothing
+is written into a workdir or results/ unless --out says so), one colour per run, with the
+panels that the rows carry: test error (top-1, top-5), training loss, Jacobian symmetry,
+weight angle and cosine per layer, log10 ||F|| and the free steps per sample; so it serves the
+MLP, the feedback net and the conv nets alike. The legend names each run by the last
+component of its path, the config fields in which the runs differ, and the last epoch. A run
+still training is read as far as it goes: a line that is not a metrics row (a partial last
+line, a damaged row) is skipped with one line on stderr.
+
+**The sweep's report** (no --runs): reads the per-epoch metrics that sweep.py copies to
+results/<group>/<name>.jsonl (the runs of sweep.plan()) and writes
 
 * <out_dir>/figures/fig3.png: Fig. 3-style panels, top row the "BP" baseline (bptt), bottom
   row hEP with the exact d_beta s*: weight angle per layer, training loss, per-layer cosine
@@ -26,11 +39,13 @@ they reached. A Table 1 cell with several seeds (`<name>_seed0`, `<name>_seed1`,
 their mean ± std. --out_dir defaults to --results_dir.
 """
 import argparse
+import ast
 import collections
 import json
 import math
 import os
 import re
+import shlex
 import sys
 
 import matplotlib
@@ -111,14 +126,16 @@ def seeds_of(loaded, group, name):
 
 
 def series(rows, key, index=None):
-  """(epochs, values) of a metric, NaN where missing or null; `index` picks a layer."""
+  """(epochs, values) of a metric, NaN where missing, null or not a number; `index` picks a
+  layer."""
   epochs, values = [], []
   for row in rows:
     value = row.get(key)
     if index is not None:
       value = value[index] if isinstance(value, list) and index < len(value) else None
     epochs.append(row['epoch'])
-    values.append(np.nan if value is None else float(value))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    values.append(float(value) if number else np.nan)
   return np.asarray(epochs), np.asarray(values)
 
 
@@ -167,11 +184,12 @@ def _band(ax, epochs, mean, spread, **kwargs):
   return line
 
 
-def save(fig, path, drawn):
+def save(fig, path, drawn, top=1.0):
   """Writes the figure if anything was drawn; an empty one is not written (and an older file
-  of that name is removed, so no figure outlives its data)."""
+  of that name is removed, so no figure outlives its data). The panels fill the figure up to
+  the fraction `top` of its height."""
   if drawn:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
   elif os.path.exists(path):
     os.remove(path)
@@ -425,20 +443,257 @@ FIG4IL_TITLE = ('Fig. 4i-l in miniature: convnet (16/32/32/32) on Fashion-MNIST-
                 'SGD 7e-3, 4,000 images')
 
 
+# ---------------------------------------------------------------------------- any runs
+
+PROG = 'plot.py'
+DEFAULT_OUT = 'runs.png'
+
+
+class RunsError(Exception):
+  """Bad --runs input, or nothing to draw: one line for the user."""
+
+
+# base: the workdir, or the results file without .jsonl (absolute); rows: harness.read_rows;
+# fields: {config field: value} for the legend.
+Watched = collections.namedtuple('Watched', 'base rows fields')
+
+# The --runs figure's panels, each drawn where some run's rows carry one of its metrics:
+# (title, lines); a line is (metric, its name in the panel's legend), or (metric, None) for a
+# per-layer list, one line per layer. Colours tell the runs apart, line styles the lines of a
+# panel.
+RUN_PANELS = (
+    ('test error (%)', (('test_error', 'top-1'), ('test_top5_error', 'top-5'))),
+    ('training loss', (('train_loss', 'training loss'),)),
+    (SYMMETRY[1], ((SYMMETRY[0], 'symmetry'),)),
+    ('angle w_b vs w_f (deg), per layer', (('diag/weight_angle', None),)),
+    (COSINE + ', per layer', (('diag/cosine_exact', None),)),
+    ('log10 ||F||, worst sample of a batch', (('log10_residual', 'epoch mean'),
+                                              ('log10_residual_max', 'epoch max'))),
+    ('free steps per sample', (('free_steps', 'mean over samples'),
+                               ('free_steps_max', 'most in a batch'))),
+)
+# Layer names of a per-layer metric by (metric, conv net?), used where the count matches.
+LAYER_NAMES = {('diag/cosine_exact', False): MLP_LAYERS, ('diag/cosine_exact', True): CONV_LAYERS,
+               ('diag/weight_angle', False): MLP_ANGLES, ('diag/weight_angle', True): CONV_ANGLES}
+MOST_FIELDS = 4  # differing config fields named in one legend entry
+
+
+def _skip(what):
+  print(f'{PROG}: skipped {what}', file=sys.stderr)
+
+
+def config_fields(path):
+  """{field: value} for the legend: a workdir's config.json, or from the command in a results
+  file's .meta.json the --config file's name (as `config`) and each --config.field=value
+  (values as text). {} where the file is missing; one line on stderr where it is damaged."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    _skip(f'{path} ({type(e).__name__}: {harness.one_line(e)[:100]})')
+    return {}
+  if not path.endswith('.meta.json'):
+    return data if isinstance(data, dict) else {}
+  try:
+    words = shlex.split(data['command'])
+  except (KeyError, TypeError, AttributeError, ValueError):
+    _skip(f'{path} (no readable "command")')
+    return {}
+  fields = {}
+  for word in words:
+    if word.startswith('--config='):
+      fields['config'] = os.path.splitext(os.path.basename(word[9:].split(':')[0]))[0]
+    elif word.startswith('--config.') and '=' in word:
+      field, value = word[len('--config.'):].split('=', 1)
+      fields[field] = value
+  return fields
+
+
+def read_run(spec):
+  """A Watched run: `spec` is a workdir, its metrics.jsonl, or a results file <name>.jsonl
+  (with <name>.meta.json beside it). Lines that are not metrics rows are skipped, one line each
+  on stderr; a run without rows is a RunsError."""
+  path = os.path.normpath(spec)
+  if os.path.isdir(path):
+    metrics, config, base = (os.path.join(path, harness.METRICS),
+                             os.path.join(path, 'config.json'), path)
+  elif os.path.isfile(path) and os.path.basename(path) == harness.METRICS:
+    base = os.path.dirname(path) or '.'
+    metrics, config = path, os.path.join(base, 'config.json')
+  elif os.path.isfile(path) and path.endswith('.jsonl'):
+    base = path[:-len('.jsonl')]
+    metrics, config = path, base + '.meta.json'
+  elif os.path.exists(path):
+    raise RunsError(f'{spec} is neither a workdir nor a metrics file (.jsonl)')
+  else:
+    raise RunsError(f'no such workdir or results file: {spec}')
+  if not os.path.isfile(metrics):
+    raise RunsError(f'{spec} has no {harness.METRICS} (not a workdir, or its first epoch has '
+                    'not ended yet)')
+  rows = harness.read_rows(metrics, lambda n, why: _skip(f'{metrics} line {n} ({why})'))
+  if not rows:
+    raise RunsError(f'{metrics} holds no metrics row yet')
+  return Watched(os.path.abspath(base), rows, config_fields(config))
+
+
+def run_names(runs):
+  """Each run's name: the last component of its path, or as many more as tell them apart."""
+  parts = [r.base.strip(os.sep).split(os.sep) for r in runs]
+  for depth in range(1, max(map(len, parts)) + 1):
+    names = ['/'.join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return names
+
+
+def value_text(value):
+  """A config value as a legend shows it, the same for a config.json value and a flag's text:
+  numbers shortest (15.0 and '15' are 15), sequences as (a,b,...)."""
+  if isinstance(value, str):
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      return value
+    if isinstance(value, str):
+      return value
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  if isinstance(value, (list, tuple)):
+    return '(' + ','.join(value_text(v) for v in value) + ')'
+  return str(value)
+
+
+def run_labels(runs):
+  """Legend entries: each run's name; the config fields (of those every run has) in which the
+  runs differ, at most MOST_FIELDS of them; and the last epoch (of num_epochs where known)."""
+  texts = [{k: value_text(v) for k, v in r.fields.items()} for r in runs]
+  differing = [k for k in texts[0] if all(k in t for t in texts[1:])
+               and len({t[k] for t in texts}) > 1]
+  labels = []
+  for name, run, text in zip(run_names(runs), runs, texts):
+    parts = [f'{k}={text[k]}' for k in differing[:MOST_FIELDS]]
+    if len(differing) > MOST_FIELDS:
+      parts.append(f'and {len(differing) - MOST_FIELDS} more')
+    epoch = f'epoch {run.rows[-1]["epoch"]}'
+    epoch += f' of {text["num_epochs"]}' if 'num_epochs' in text else ''
+    labels.append(f'{name}: ' + ', '.join(parts) + f' ({epoch})' if parts else
+                  f'{name} ({epoch})')
+  return labels
+
+
+def layer_names(runs, key):
+  """Names of the layers of a per-layer metric: the MLP's or the conv net's (whose rows have
+  free_steps) where every run carrying it has that many layers, else #1, #2, ..."""
+  named = set()
+  for run in runs:
+    count = num_layers(run.rows, key)
+    if count:
+      names = LAYER_NAMES.get((key, any('free_steps' in r for r in run.rows)), ())
+      named.add(tuple(names) if len(names) == count else
+                tuple(f'#{i + 1}' for i in range(count)))
+  if len(named) == 1:
+    return list(named.pop())
+  return [f'#{i + 1}' for i in range(max(map(len, named), default=0))]
+
+
+def draw_runs(runs, path):
+  """Draws RUN_PANELS where some run has a finite value, one colour per run, into `path`.
+  Returns (legend labels, [(panel title, [its line names])])."""
+  labels = run_labels(runs)
+  panels = []
+  for title, lines in RUN_PANELS:
+    drawn = []  # (line name, [(run number, epochs, values)])
+    for key, what in lines:
+      for l, name in enumerate([what] if what else layer_names(runs, key)):
+        curves = [(c, *series(run.rows, key, None if what else l)) for c, run in enumerate(runs)]
+        curves = [curve for curve in curves if np.isfinite(curve[2]).any()]
+        if curves:
+          drawn.append((name, curves))
+    if drawn:
+      panels.append((title, drawn))
+  if not panels:
+    raise RunsError('the rows carry none of the metrics drawn (' + ', '.join(
+        key for _, lines in RUN_PANELS for key, _ in lines) + ')')
+
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  ncol = 1 if len(runs) == 1 or max(map(len, labels)) > 70 else 2
+  legend_h = 0.3 * -(-len(runs) // ncol) + 0.2  # inches
+  height = 3.3 * rows + legend_h
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height), squeeze=False)
+  axes = axes.ravel()
+  for ax, (title, drawn) in zip(axes, panels):
+    for i, (_, curves) in enumerate(drawn):
+      for c, epochs, values in curves:
+        _band(ax, epochs, values, np.zeros_like(values), color=f'C{c % 10}',
+              linestyle=LINESTYLES[i % len(LINESTYLES)])
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if len(drawn) > 1:  # which line is which: black lines of each style
+      ax.legend([matplotlib.lines.Line2D([], [], color='black', linestyle=LINESTYLES[i % 4])
+                 for i in range(len(drawn))], [name for name, _ in drawn], fontsize=7)
+  for ax in axes[len(panels):]:
+    ax.axis('off')
+  fig.legend([matplotlib.lines.Line2D([], [], color=f'C{c % 10}', marker='.')
+              for c in range(len(runs))], labels, loc='upper center', ncol=ncol, fontsize=9,
+             frameon=False)
+  try:
+    save(fig, path, True, top=1 - legend_h / height)
+  except (OSError, ValueError) as e:
+    plt.close(fig)
+    raise RunsError(f'cannot write {path}: {harness.one_line(e)[:200]}') from e
+  return labels, [(title, [name for name, _ in drawn]) for title, drawn in panels]
+
+
+def watch(specs, out=DEFAULT_OUT):
+  """Reads the runs `specs` (read_run) and draws them into `out`; returns draw_runs' result."""
+  runs = [read_run(spec) for spec in specs]
+  labels, panels = draw_runs(runs, out)
+  print(f'wrote {out}: ' + '; '.join(labels))
+  return labels, panels
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    sys.exit(f'{PROG}: error: {message}')
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--results_dir', default=os.path.join(sweep.ROOT, 'results'))
+  p = _Parser(prog=PROG, description=__doc__.split('\n\n')[0])
+  p.add_argument('--results_dir', default='', help='the sweep\'s results (default: results/)')
   p.add_argument('--out_dir', default='', help='report and figures/ (default: results_dir)')
+  p.add_argument('--runs', default=None, help='comma-separated workdirs or results files '
+                 '(<group>/<name>.jsonl): draw their curves into --out instead of the report')
+  p.add_argument('--out', default=None, help=f'the --runs figure (default: {DEFAULT_OUT})')
   args = p.parse_args(argv)
-  out_dir = args.out_dir or args.results_dir
+  if args.runs is not None:
+    if args.results_dir or args.out_dir:
+      p.error('--results_dir and --out_dir are for the report; --runs draws into --out')
+    specs = [s.strip() for s in args.runs.split(',') if s.strip()]
+    if not specs:
+      p.error('--runs names no run')
+    try:
+      watch(specs, args.out or DEFAULT_OUT)
+    except RunsError as e:
+      sys.exit(f'{PROG}: error: {e}')
+    return 0
+  if args.out is not None:
+    p.error('--out goes with --runs (the report goes to --out_dir)')
+  results_dir = args.results_dir or os.path.join(sweep.ROOT, 'results')
+  out_dir = args.out_dir or results_dir
   figures = os.path.join(out_dir, 'figures')
   os.makedirs(figures, exist_ok=True)
-  loaded = load(args.results_dir)
-  shown = os.path.relpath(args.results_dir, sweep.ROOT)
-  shown = args.results_dir if shown.startswith(os.pardir) else shown
+  loaded = load(results_dir)
+  shown = os.path.relpath(results_dir, sweep.ROOT)
+  shown = results_dir if shown.startswith(os.pardir) else shown
 
   report = ['# Fashion-MNIST reproduction: Table 1, Fig. 3, Fig. 4a-h', '',
-            f'Generated by `plot_fmnist.py` from `{shown}/<group>/<name>.jsonl` (the runs of `sweep.py`; `python sweep.py --list` shows '
+            f'Generated by `plot.py` from `{shown}/<group>/<name>.jsonl` (the runs of `sweep.py`; `python sweep.py --list` shows '
             'their commands). Our numbers are single runs (seed 0) unless n is given; the '
             "paper's are means ± std over 5 seeds after 50 epochs. Epochs reached are given "
             'in parentheses. Each results file has a `.meta.json` beside it: command, '
@@ -478,7 +733,7 @@ def main(argv=None):
   report += ['## Short checks: update order, baselines, continuous-time averages', '',
              'Early epochs of runs that differ in one setting (seed 0 unless stated, the '
              'Table 1 settings otherwise).', '', *checks_table(loaded), '']
-  rows, missing = run_table(loaded, args.results_dir)
+  rows, missing = run_table(loaded, results_dir)
   if missing:
     notes.append(f'{len(missing)} planned runs have no results yet (skipped): '
                  + ', '.join(missing) + '.')
