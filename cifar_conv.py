@@ -9,10 +9,13 @@ the kernels are tied), hyperparameters of Table 4.
     python cifar_conv.py --config=configs/cifar10.py --workdir=runs/cifar10
     python cifar_conv.py --config=configs/cifar10.py --config.algorithm=hep --config.n_points=2
 
-The script reads top to bottom beside the paper: network, gradient estimators, train step,
-diagnostics, data, config checks, main loop. The shared math (fixed point, Cauchy estimate,
-RBP, homeostatic loss) lives in common.py, the run machinery (workdir, checkpoint, metrics,
-processes, command line) in harness.py.
+The script reads top to bottom beside the paper, in the sections of fmnist_mlp.py: network,
+gradient estimators, train step, diagnostics, data, config checks, main loop. The shared math
+(layered dynamics, fixed point, Cauchy estimate, RBP, homeostatic loss) lives in common.py,
+the run machinery (workdir, checkpoint, metrics, processes, command line) in harness.py. The
+network is the one `config.network` names in NETWORKS, the data set the one `config.dataset`
+names in DATASETS: imagenet32_conv.py adds ImageNet 32x32 there and runs everything else
+from this file.
 
 Sign convention (the authors' code; see the README): the nudge ADDS beta * dL/ds_out to the
 output layer's drive, where L is the softmax cross-entropy of the readout. Then
@@ -24,7 +27,6 @@ every global batch (harness.process_batch_indices); the gradient all-reduce and 
 span every device of every process; process 0 alone writes the workdir and, at start,
 broadcasts its checkpoint. See imagenet32_conv.py for the command lines.
 """
-import collections
 import math
 import os
 
@@ -200,9 +202,39 @@ def layer_drive(params, s, x_drive, l):
   return g
 
 
-def drives(params, s, x_drive):
+def weight_angles(params):
+  """Angle in degrees between each backward kernel and its forward partner (flattened);
+  zeros for tied kernels."""
+  if not params['backward']:
+    return [jnp.zeros(()) for _ in params['forward'][1:]]
+  angles = []
+  for l, bw in enumerate(params['backward']):
+    a, b = bw['w'].ravel(), params['forward'][l + 1]['w'].ravel()
+    cos = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+    angles.append(jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0))))
+  return angles
+
+
+# The networks a config can name (config.network). The 'sequential' order updates the odd
+# layers, then the even ones (red-black, common.odd_then_even). Unlike in the MLP, the
+# top-down drive into layer l depends on s_l itself (through the pooling), so the
+# synchronous dynamics do not split into independent chains: ceil(T / 2) red-black steps
+# stand for T synchronous ones by convention, not exactly (README, "Update order").
+NETWORKS = {'conv': common.Network(init_params, layer_drive, common.odd_then_even,
+                                   weight_angles)}
+
+
+def network(config):
+  return NETWORKS[config.network]
+
+
+def layer_count(config):
+  return len(config.channels)
+
+
+def drives(config, params, s, x_drive):
   """G(s) for all layers: u <- G(sigma(u)) is the free synchronous step of App. D.2."""
-  return tuple(layer_drive(params, s, x_drive, l) for l in range(len(s)))
+  return tuple(network(config).layer_drive(params, s, x_drive, l) for l in range(len(s)))
 
 
 def dot(s, w):
@@ -235,7 +267,9 @@ def readout_loss(params, s_out, labels):
 
 
 def softmax(z):
-  """Softmax over the last axis, written by hand so that it is holomorphic (complex z)."""
+  """Softmax over the last axis, shifted by the max of the real parts (a constant per sample:
+  the same holomorphic function of complex z as jax.nn.softmax, which shifts by the complex
+  max; the MLP uses that one)."""
   e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z.real, axis=-1, keepdims=True)))
   return e / jnp.sum(e, axis=-1, keepdims=True)
 
@@ -247,43 +281,40 @@ def loss_grad_s(params, s_out, labels):
   return dot(err, params['readout']['w'].T).reshape(s_out.shape)
 
 
+def update_groups(config):
+  """None for synchronous updates, else the network's groups of the 'sequential' order."""
+  if config.layer_updates == 'synchronous':
+    return None
+  return network(config).update_groups(layer_count(config))
+
+
 def make_step(config, params, x_drive, labels=None):
   """step(u, beta) -> next state of u <- G(sigma(u)) + beta dL/ds_out (beta = None: free).
 
-  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order:
-
-  * 'synchronous': every layer at once from the previous state, exactly App. D.2.
-  * 'sequential': layers 1, 3, 5, ... (0-based indices 0, 2, ...) from the previous state,
-    then layers 2, 4, ... from the fresh odd layers (red-black Gauss-Seidel). The same fixed
-    points, and each layer is updated once per step, so a step costs what a synchronous step
-    costs. Unlike in the MLP, the two orders do NOT follow the same trajectory: the top-down
-    drive into layer l depends on s_l itself (through the pooling), so the synchronous
-    dynamics do not split into two independent chains, and both orders run T steps for T
-    synchronous ones (README, "Update order"). With beta != 0 the output layer's nudge uses
-    its value from the previous half-sweep.
+  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order
+  (common.layered_step): 'synchronous' (the default here), every layer at once from the
+  previous state, exactly App. D.2; or 'sequential', the odd layers from the previous state,
+  then the even ones from the fresh odd layers (red-black Gauss-Seidel): the same fixed
+  points, each layer updated once per step, so a step costs what a synchronous step costs.
+  T_free and T_nudge count synchronous steps (the paper's unit); callers run
+  steps_for(config, T) steps of the configured order for them. With beta != 0 the output
+  layer's nudge uses its value from the previous half-sweep.
   """
-  num_layers = len(params['forward'])
+  layer_drive, top = network(config).layer_drive, layer_count(config) - 1
 
   def new_u(s, l, beta):
     g = layer_drive(params, s, x_drive, l)
-    if l == num_layers - 1 and beta is not None:
+    if l == top and beta is not None:
       g = g + beta * loss_grad_s(params, s[-1], labels)
     return g
 
-  def synchronous(u, beta=None):
-    s = activate(u)
-    return tuple(new_u(s, l, beta) for l in range(num_layers))
+  return common.layered_step(new_u, sigma, layer_count(config), update_groups(config))
 
-  def sequential(u, beta=None):
-    u, s = list(u), list(activate(u))
-    for first in (0, 1):
-      for l in range(first, num_layers, 2):
-        u[l] = new_u(s, l, beta)
-      for l in range(first, num_layers, 2):
-        s[l] = sigma(u[l])
-    return tuple(u)
 
-  return synchronous if config.layer_updates == 'synchronous' else sequential
+def steps_for(config, num_synchronous_steps):
+  """Steps of make_step's update for `num_synchronous_steps` synchronous steps: as many, or
+  ceil(T / 2) red-black ones (NETWORKS)."""
+  return common.steps_of(num_synchronous_steps, update_groups(config))
 
 
 def zeros_state(config, batch, dtype=None):
@@ -332,7 +363,7 @@ def free_relaxation(config, params, x_drive):
     step_half = make_step(config, cast(params, half), x_drive.astype(half))
     step = lambda u: cast(step_half(cast(u, half)), full)
   u0 = zeros_state(config, x_drive.shape[0], x_drive.dtype)
-  return common.fixed_point(step, u0, config.t_free, config.tol)
+  return common.fixed_point(step, u0, steps_for(config, config.t_free), config.tol)
 
 
 def nudged_relaxation(config, params, x_drive, labels, u_free):
@@ -341,7 +372,7 @@ def nudged_relaxation(config, params, x_drive, labels, u_free):
 
   def relax(beta):
     u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
-    u = common.fixed_point(lambda u: step(u, beta), u0, config.t_nudge)[0]
+    u = common.fixed_point(lambda u: step(u, beta), u0, steps_for(config, config.t_nudge))[0]
     return activate(u)
   return relax
 
@@ -358,7 +389,7 @@ def continuous_estimate(config, params, x_drive, labels):
   step = make_step(config, params, x_drive, labels)
   u0 = zeros_state(config, x_drive.shape[0], x_drive.dtype)
   args = (activate, config.beta, config.n_points,
-          config.continuous_steps_per_point, config.continuous_periods)
+          steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
   if config.continuous_average == 'hold_end':
     u_bar, e_bar = common.hold_end_estimate(step, u0, *args)
     return activate(u_bar), e_bar
@@ -375,11 +406,11 @@ def rbp_error(config, params, x_drive, labels, u_free):
   dl_ds = (*(jnp.zeros_like(s) for s in s_free[:-1]),
            loss_grad_s(params, s_free[-1], labels))
   dl_du = jax.vjp(activate, u_free)[1](dl_ds)[0]
-  step = lambda u: drives(params, activate(u), x_drive)
+  step = lambda u: drives(config, params, activate(u), x_drive)
   return common.rbp_delta(step, u_free, dl_du, config.t_nudge)
 
 
-def network_grads(params, x, s_free, error):
+def network_grads(config, params, x, s_free, error):
   """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6); the
   input convolution enters through input_drive.
 
@@ -387,7 +418,7 @@ def network_grads(params, x, s_free, error):
   contributes nothing (common.drop_non_finite_samples).
   """
   error, dropped = common.drop_non_finite_samples(error)
-  _, vjp = jax.vjp(lambda p: drives(p, s_free, input_drive(p, x)), params)
+  _, vjp = jax.vjp(lambda p: drives(config, p, s_free, input_drive(p, x)), params)
   return jax.tree_util.tree_map(lambda g: g / x.shape[0], vjp(error)[0]), dropped
 
 
@@ -398,7 +429,7 @@ def bptt_grads(config, params, x, labels, u_free):
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = make_step(config, p, input_drive(p, x))
-    u = common.fixed_point(step, u_start, config.t_nudge)[0]
+    u = common.fixed_point(step, u_start, steps_for(config, config.t_nudge))[0]
     return readout_loss(p, sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
 
@@ -419,7 +450,7 @@ def homeostatic_grads(config, params, x, s_free, noise):
   s_fixed = jax.lax.stop_gradient(s_free)
   noise = jax.tree_util.tree_map(lambda e, s: e.astype(s.dtype), noise, s_fixed)
   loss = lambda p: common.homeostatic_loss(
-      lambda s, x_drive: drives(p, s, x_drive), s_fixed, input_drive(p, x), noise)
+      lambda s, x_drive: drives(config, p, s, x_drive), s_fixed, input_drive(p, x), noise)
   value, grads = jax.value_and_grad(loss)(params)
   return value, jax.tree_util.tree_map(lambda g: config.homeo_coef * g, grads)
 
@@ -443,7 +474,7 @@ def compute_grads(config, params, x, labels, key, sample_ids):
   if algorithm == 'hep_continuous':
     # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
     s_free, error = continuous_estimate(config, params, x_drive, labels)
-    grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
+    grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
   else:
     u_free, metrics['log10_residual'], steps = free_relaxation(config, params, x_drive)
     metrics.update(free_steps=jnp.mean(steps), free_steps_max=jnp.max(steps))
@@ -451,13 +482,13 @@ def compute_grads(config, params, x, labels, key, sample_ids):
     relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
     if algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
       error = common.cauchy_estimate(relax, s_free, config.beta, config.n_points)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
     elif algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free,
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free,
                                                         common.exact_dbeta(relax))
     elif algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
       error = rbp_error(config, params, x_drive, labels, u_free)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error)
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
     else:  # 'bptt': backpropagation through T_nudge steps from the free fixed point
       grads = bptt_grads(config, params, x, labels, u_free)
 
@@ -534,11 +565,17 @@ def make_optimizer(config, steps_total):
   )
 
 
-def make_train_step(config, optimizer, stats):
+def preprocess(config, images):
+  """(images / 255 - mean) / std per channel, with the data set's constants (DATASETS)."""
+  info = DATASETS[config.dataset]
+  return normalize(images, info['mean'], info['std'])
+
+
+def make_train_step(config, optimizer):
   """One update. Each device takes its slice of the global batch, augments and normalises it
-  with the data set's stats = (mean, std) (the randomness of every image follows its global
-  index, so a batch split over devices and processes is augmented as a whole one would be);
-  gradients are averaged over every device (pmean), and so are the metrics."""
+  (the randomness of every image follows its global index, so a batch split over devices
+  and processes is augmented as a whole one would be); gradients are averaged over every
+  device (pmean), and so are the metrics."""
   base_key = jax.random.PRNGKey(config.seed + 1)
 
   def train_step(params, opt_state, step, images, labels):
@@ -547,7 +584,7 @@ def make_train_step(config, optimizer, stats):
     key = jax.random.fold_in(base_key, step)
     if config.augment:
       images = augment(jax.random.fold_in(key, 1), images, sample_ids)
-    x = normalize(images, *stats)
+    x = preprocess(config, images)
     grads, metrics = compute_grads(config, params, x, labels, jax.random.fold_in(key, 2),
                                    sample_ids)
     # The collectives of the step: one all-reduce of the gradients, and the scalar metrics.
@@ -561,11 +598,11 @@ def make_train_step(config, optimizer, stats):
                   donate_argnums=(0, 1))
 
 
-def make_eval_step(config, stats):
+def make_eval_step(config):
   """Numbers of top-1 and top-5 misclassified test images (free phase + readout), summed
   over devices."""
   def eval_step(params, images, labels, mask):
-    x = normalize(images, *stats)
+    x = preprocess(config, images)
     u, _, _ = free_relaxation(config, params, input_drive(params, x))
     logits = readout_logits(params, sigma(u[-1]))
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
@@ -576,44 +613,25 @@ def make_eval_step(config, stats):
 
 
 def evaluate(eval_step, params, split, config, num_devices):
-  """(top-1, top-5) error in % over a whole split: each process reads its own block of it
-  (padded and masked), and the counts are summed over every device."""
-  calls = harness.process_eval_indices(len(split), config.eval_batch_size, jax.process_index(),
-                                       jax.process_count())
-  batches = harness.prefetch(
-      zip(harness.read_batches(split, [idx for idx, _ in calls], config.data_threads),
-          (mask for _, mask in calls)),
-      put=lambda batch: tuple(harness.shard(a, num_devices) for a in (*batch[0], batch[1])))
-  wrong = np.zeros(2)
-  for images, labels, mask in batches:
-    wrong += np.asarray(eval_step(params, images, labels, mask)[0])
-  return tuple(100.0 * wrong / len(split))
+  """{'test_error', 'test_top5_error'}: top-1 and top-5 error in % over the whole split, its
+  blocks read by every process (harness.evaluate_counts)."""
+  wrong = harness.evaluate_counts(eval_step, params, split, config.eval_batch_size,
+                                  num_devices, config.data_threads)
+  top1, top5 = 100.0 * wrong / len(split)
+  return {'test_error': float(top1), 'test_top5_error': float(top5)}
 
 
 # ======================================================================================
 # Diagnostics (one fixed batch per epoch, off the hot path)
 # ======================================================================================
 
-def weight_angles(params):
-  """Angle in degrees between each backward kernel and its forward partner (flattened);
-  zeros for tied kernels."""
-  if not params['backward']:
-    return [jnp.zeros(()) for _ in params['forward'][1:]]
-  angles = []
-  for l, bw in enumerate(params['backward']):
-    a, b = bw['w'].ravel(), params['forward'][l + 1]['w'].ravel()
-    cos = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
-    angles.append(jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0))))
-  return angles
-
-
-def symmetry_estimate(params, s_free, x_drive, key, num_probes):
+def symmetry_estimate(config, params, s_free, x_drive, key, num_probes):
   """Per-sample Jacobian symmetry ||S|| / (||S|| + ||A||) of J = dF/ds = K - I (Section 3.3),
   without forming J: ||S||_F^2 = E||S e||^2 and ||A||_F^2 = E||A e||^2 for e ~ N(0, I), with
   S e = (J e + J^T e) / 2 and A e = (J e - J^T e) / 2 from one JVP and one VJP per probe.
   Samples do not interact, so the batched JVP/VJP give every sample's own J. Returns (batch,).
   """
-  field = lambda s: common.tree_sub(drives(params, s, x_drive), s)
+  field = lambda s: common.tree_sub(drives(config, params, s, x_drive), s)
   _, jvp = jax.linearize(field, s_free)
   _, vjp = jax.vjp(field, s_free)
   leaves, treedef = jax.tree_util.tree_flatten(s_free)
@@ -632,16 +650,18 @@ def symmetry_estimate(params, s_free, x_drive, key, num_probes):
   return sym / (sym + skew)
 
 
-def make_diagnostics(config, stats):
+def make_diagnostics(config):
   """Symmetry, alignment and convergence of the network on one batch (Fig. 4k-l).
 
   K = dG/ds depends on the state here (the pooling), so the symmetry measure is estimated
   per sample with random probes (symmetry_estimate), never from a dense Jacobian.
   """
 
+  angles = network(config).weight_angles
+
   @jax.jit
   def diagnostics(params, images, labels):
-    x = normalize(images, *stats)
+    x = preprocess(config, images)
     x_drive = input_drive(params, x)
     u_free, log10_residual, _ = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
@@ -658,11 +678,11 @@ def make_diagnostics(config, stats):
     key = jax.random.PRNGKey(0)
     noise = homeostatic_noise(config, key, jnp.arange(x.shape[0]))
     out.update(
-        symmetry=jnp.mean(symmetry_estimate(params, s_free, x_drive, key,
+        symmetry=jnp.mean(symmetry_estimate(config, params, s_free, x_drive, key,
                                             config.diag_symmetry_probes)),
-        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(params, s, xd), s_free, x_drive,
-                                           noise),
-        weight_angle=weight_angles(params),
+        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(config, params, s, xd), s_free,
+                                           x_drive, noise),
+        weight_angle=angles(params),
         loss=readout_loss(params, s_free[-1], labels)[0])
     return out
 
@@ -673,43 +693,14 @@ def make_diagnostics(config, stats):
 # Data
 # ======================================================================================
 # A split has len() and read(indices) -> (uint8 images (n, 32, 32, 3), int32 labels): in
-# memory here (MemorySplit), read from disk for ImageNet (imagenet32_conv.Split). Batches are
-# augmented and normalised on the device, inside the jitted step. Normalisation (the
-# authors'): per-channel mean, std times 1.5; CIFAR-100 uses CIFAR-10's constants, as the
-# authors do; Fashion-MNIST-32 (a check without internet) its own pixel mean and std.
-
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR_STD = tuple(1.5 * s for s in (0.2023, 0.1994, 0.2010))
-DATASETS = {  # url: what TFDS downloads to prepare it (checked before it tries)
-    'cifar10': dict(num_classes=10, mean=_CIFAR_MEAN, std=_CIFAR_STD, train_size=50000,
-                    test_size=10000, url='https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'),
-    'cifar100': dict(num_classes=100, mean=_CIFAR_MEAN, std=_CIFAR_STD, train_size=50000,
-                     test_size=10000,
-                     url='https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'),
-    # Fashion-MNIST padded to 32 x 32 (2 black pixels per side), grey channel x 3.
-    'fashion_mnist': dict(num_classes=10, mean=(0.2860,) * 3, std=(1.5 * 0.3530,) * 3,
-                          train_size=60000, test_size=10000),
-}
-CROP_PAD = 2  # pad 32 x 32 to 36 x 36, then take a random 32 x 32 window
-
-Data = collections.namedtuple('Data', 'train test mean std')
-
-
-class MemorySplit:
-  """A split held in memory: read(indices) gathers rows."""
-
-  def __init__(self, images, labels):
-    self.images, self.labels = images, labels
-
-  def __len__(self):
-    return len(self.labels)
-
-  def read(self, indices):
-    return self.images[indices], self.labels[indices]
-
+# memory here (harness.MemorySplit), read from disk for ImageNet (imagenet32_conv.Split).
+# Batches are augmented and normalised on the device, inside the jitted step. Normalisation
+# (the authors'): per-channel mean, std times 1.5; CIFAR-100 uses CIFAR-10's constants, as
+# the authors do; Fashion-MNIST-32 (a check without internet) its own pixel mean and std.
 
 def load_tfds(name, data_dir, url):
-  """CIFAR-10/100 from TFDS, downloaded and prepared (array_record) on first use.
+  """{'train': (images, labels), 'test': ...} of a TFDS data set, downloaded (from `url`'s
+  source) and prepared (array_record) on first use.
 
   Reads through tfds data sources (random access, decoded with PIL), so reading prepared
   data needs no TensorFlow. Data prepared earlier by tfds.load (tfrecord format) is read
@@ -734,27 +725,42 @@ def load_tfds(name, data_dir, url):
   return out
 
 
-def load_data(config):
-  """Data(train, test, mean, std): the splits as MemorySplits, the normalisation constants.
+def load_cifar(config):
+  """CIFAR-10 or -100 (config.dataset) from TFDS in config.tfds_data_dir ('' = TFDS's)."""
+  url = DATASETS[config.dataset]['url']
+  return harness.memory_data(config, load_tfds(config.dataset, config.tfds_data_dir, url))
 
-  config.dataset: 'cifar10' | 'cifar100' (TFDS, config.tfds_data_dir, '' = TFDS default)
-  or 'fashion_mnist' (IDX files in config.data_dir, '' = the Debian package's folder).
-  config.train_size / test_size > 0 keep the first n images of the split.
-  """
-  info = DATASETS[config.dataset]
-  if config.dataset == 'fashion_mnist':  # padded to 32 x 32 (black), grey channel x 3
-    data = harness.load_fashion_mnist(config.data_dir or harness.FASHION_MNIST_DIR)
-    data = {split: (np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1), y)
-            for split, (x, y) in data.items()}
-  else:
-    data = load_tfds(config.dataset, config.tfds_data_dir, info['url'])
-  for split in ('train', 'test'):
-    size, available = config[f'{split}_size'], len(data[split][0])
-    if size > available:
-      raise harness.ConfigError(f'{split}_size={size} but only {available} {split} images '
-                                'were found')
-    data[split] = MemorySplit(*(a[:size or available] for a in data[split]))
-  return Data(data['train'], data['test'], info['mean'], info['std'])
+
+def load_fashion_mnist32(config):
+  """Fashion-MNIST from the IDX files in config.data_dir ('' = the Debian package's folder),
+  padded to 32 x 32 (2 black pixels per side), the grey channel repeated 3 times."""
+  data = harness.load_fashion_mnist(config.data_dir or harness.FASHION_MNIST_DIR)
+  data = {split: (np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1), y)
+          for split, (x, y) in data.items()}
+  return harness.memory_data(config, data)
+
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = tuple(1.5 * s for s in (0.2023, 0.1994, 0.2010))
+# The data sets a config can name (config.dataset): load(config) -> harness.Data(train, test),
+# the first train_size / test_size examples of each split; url: what TFDS downloads to
+# prepare it (checked before it tries). imagenet32_conv.py adds 'imagenet32'.
+DATASETS = {
+    'cifar10': dict(load=load_cifar, num_classes=10, mean=_CIFAR_MEAN, std=_CIFAR_STD,
+                    train_size=50000, test_size=10000,
+                    url='https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'),
+    'cifar100': dict(load=load_cifar, num_classes=100, mean=_CIFAR_MEAN, std=_CIFAR_STD,
+                     train_size=50000, test_size=10000,
+                     url='https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'),
+    'fashion_mnist': dict(load=load_fashion_mnist32, num_classes=10, mean=(0.2860,) * 3,
+                          std=(1.5 * 0.3530,) * 3, train_size=60000, test_size=10000),
+}
+CROP_PAD = 2  # pad 32 x 32 to 36 x 36, then take a random 32 x 32 window
+
+
+def load_data(config):
+  """harness.Data(train, test) of the data set config.dataset names (DATASETS)."""
+  return DATASETS[config.dataset]['load'](config)
 
 
 def augment(key, images, sample_ids):
@@ -814,14 +820,15 @@ RESUMABLE_FIELDS = ('num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir
                     'data_threads', *harness.PROCESS_FIELDS)
 
 
-def check_config(config, num_local_devices, num_processes=1, datasets=DATASETS):
+def check_config(config, num_local_devices, num_processes=1):
   """Checks every field (one-line ConfigError on bad input) before any data is read or
-  anything is compiled; returns the number of local devices to use."""
+  anything is compiled; returns the number of local devices to use. Changes nothing."""
   c = config
-  harness.check_choice(c, 'dataset', tuple(datasets))
+  harness.check_choice(c, 'network', tuple(NETWORKS))
+  harness.check_choice(c, 'dataset', tuple(DATASETS))
   harness.check_fields(c, FIELDS)
   harness.check_int_tuple(c, 'channels', 2)
-  info = datasets[c.dataset]
+  info = DATASETS[c.dataset]
   if c.num_classes != info['num_classes']:
     raise harness.ConfigError(f'num_classes={c.num_classes} but {c.dataset} has '
                               f'{info["num_classes"]} classes')
@@ -843,25 +850,19 @@ def check_config(config, num_local_devices, num_processes=1, datasets=DATASETS):
   harness.check_number(c, 'test_size', int, 0, info['test_size'])
   if c.algorithm == 'hep_continuous' and c.n_points < 2:
     raise harness.ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
+  if network(c).check_config:
+    network(c).check_config(c)
   return harness.check_devices(c, num_local_devices, num_processes)
-
-
-def check_data(config, data):
-  """The loaded data, if the batches fit its training set."""
-  for name in ('batch_size', 'diag_batch_size'):
-    if config[name] > len(data.train):
-      raise harness.ConfigError(f'{name}={config[name]} exceeds the {len(data.train)} '
-                                'training images')
-  return data
 
 
 def default_workdir(config, script=SCRIPT):
   """runs/<script>/<dataset>_<algorithm and its main settings>-<hash of the run config>."""
   c = config
+  algorithm = estimator(c)
   name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
-          f'hepcont{c.n_points}_beta{c.beta:g}'}.get(c.algorithm, c.algorithm)
+          f'hepcont{c.n_points}_beta{c.beta:g}'}.get(algorithm, algorithm)
   return harness.default_workdir(script, f'{c.dataset}_{name}_homeo{c.homeo_coef:g}_seed{c.seed}',
-                                 config, RESUMABLE_FIELDS)
+                                 c, RESUMABLE_FIELDS)
 
 
 # ======================================================================================
@@ -869,18 +870,19 @@ def default_workdir(config, script=SCRIPT):
 # ======================================================================================
 
 @harness.releases_workdirs
-def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, script=SCRIPT):
+def train_and_evaluate(config, workdir=None, script=SCRIPT):
   """Trains for config.num_epochs epochs; returns the per-epoch metrics rows. Every check
   passes before anything is written or compiled (several processes stop together on any
-  one's problem); every epoch ends with a metrics row and a checkpoint (process 0), from
-  which a rerun resumes. imagenet32_conv.py runs this loop with its own data."""
+  one's problem); every epoch ends with a metrics row and an atomic checkpoint (process 0),
+  from which a rerun resumes. imagenet32_conv.py runs this loop on its data set (`script`
+  names the default workdir's folder)."""
   process_index, process_count = harness.start_processes(config)
   path = workdir or default_workdir(config, script)
   num_devices, workdir = harness.all_or_none(lambda: (
-      check_config(config, jax.local_device_count(), process_count, datasets),
+      check_config(config, jax.local_device_count(), process_count),
       harness.Workdir(path, config, RESUMABLE_FIELDS, writer=process_index == 0)),
                                              harness.config_digest(config, RESUMABLE_FIELDS))
-  data = harness.all_or_none(lambda: check_data(config, load(config)))
+  data = harness.all_or_none(lambda: harness.check_batches(config, load_data(config)))
   if process_count > 1:
     logging.info('process %d of %d, %d of its devices, %d devices in all', process_index,
                  process_count, num_devices, num_devices * process_count)
@@ -890,7 +892,7 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
   steps_per_epoch = num_train // config.batch_size
 
   optimizer = make_optimizer(config, config.num_epochs * steps_per_epoch)
-  params = init_params(jax.random.PRNGKey(config.seed), config)
+  params = network(config).init_params(jax.random.PRNGKey(config.seed), config)
   (params, opt_state), start_epoch = workdir.restore((params, optimizer.init(params)))
   if process_count > 1:  # process 0's checkpoint (or fresh start) for everyone
     start_epoch, params, opt_state = harness.broadcast((np.int32(start_epoch), params, opt_state))
@@ -899,10 +901,9 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
     return workdir.history
   params, opt_state = harness.replicate((params, opt_state), num_devices)
 
-  stats = (data.mean, data.std)
-  train_step = make_train_step(config, optimizer, stats)
-  eval_step = make_eval_step(config, stats)
-  diagnostics = make_diagnostics(config, stats)
+  train_step = make_train_step(config, optimizer)
+  eval_step = make_eval_step(config)
+  diagnostics = make_diagnostics(config)
   diag_x, diag_y = data.train.read(np.arange(config.diag_batch_size))
   # XLA:CPU runs all its devices on one shared thread pool: a device that runs ahead into
   # the next step's all-reduce can starve the others (a rendezvous deadlock on 2 cores).
@@ -913,9 +914,8 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
     # sharded over the local devices while the devices compute.
     indices = harness.process_batch_indices(num_train, config.batch_size, config.seed, epoch,
                                             process_index, process_count)
-    batches = harness.prefetch(
-        harness.read_batches(data.train, indices, config.data_threads),
-        put=lambda batch: tuple(harness.shard(a, num_devices) for a in batch))
+    batches = harness.prefetch(harness.read_batches(data.train, indices, config.data_threads),
+                               put=lambda batch: tuple(harness.shard(a, num_devices) for a in batch))
     progress = harness.Progress(epoch, steps_per_epoch, config.batch_size,
                                 config.log_every_steps, config.max_train_loss, config.num_epochs)
     for i, (images, labels) in enumerate(batches):
@@ -930,8 +930,7 @@ def train_and_evaluate(config, workdir=None, datasets=DATASETS, load=load_data, 
     row = progress.row(step=epoch * steps_per_epoch)
     host_params = harness.unreplicate(params)
     harness.stop_if_diverged(workdir, row, host_params, config.max_train_loss)
-    row['test_error'], row['test_top5_error'] = evaluate(eval_step, params, data.test, config,
-                                                         num_devices)
+    row.update(evaluate(eval_step, params, data.test, config, num_devices))
     row.update({'diag/' + k: v for k, v in
                 harness.to_floats(diagnostics(host_params, diag_x, diag_y)).items()})
     residual = harness.flag_unconverged(row, config.max_log10_residual)

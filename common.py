@@ -21,6 +21,7 @@ The dense Jacobian diagnostics at the bottom are for small networks; the exact r
 the tests compare against (dense solves) live in tests/helpers.py.
 """
 import math
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,64 @@ def per_sample_cosine(a, b):
 def units_per_sample(tree):
   """n, the number of state units of one sample."""
   return sum(math.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(tree))
+
+
+# ----------------------------------------------------------------------- layered networks
+
+class Network(NamedTuple):
+  """What defines a network on the layered dynamics of App. D.2; everything else (the
+  dynamics, the estimators, training, diagnostics) is shared. A script keeps its networks in
+  a table NETWORKS by name, and `config.network` picks one (a sibling script adds its own).
+
+  init_params(key, config) -> params; layer_drive(params, s, x_drive, l) -> G_l(s), the new
+  u of layer l from the activated state s; update_groups(num_layers) -> the groups of layers
+  the 'sequential' order computes together, in turn, from the latest values;
+  weight_angles(params) -> degrees per backward weight (Fig. 3a-b), or None where no weight
+  has a transposed partner; check_config(config) -> a ConfigError for fields this network
+  cannot take (None: no check of its own).
+  """
+  init_params: Callable
+  layer_drive: Callable
+  update_groups: Callable
+  weight_angles: Optional[Callable]
+  check_config: Optional[Callable] = None
+
+
+def odd_then_even(num_layers):
+  """The 'sequential' order of reciprocal networks: layers 1, 3, 5, ... (0-based 0, 2, ...),
+  then layers 2, 4, ..., each from the values just computed (red-black)."""
+  return [list(range(0, num_layers, 2)), list(range(1, num_layers, 2))]
+
+
+def layered_step(new_u, sigma, num_layers, groups=None):
+  """The discrete step of App. D.2 on a state (u_1, ..., u_L): step(u, beta=None) sets every
+  u_l to new_u(s, l, beta), the drive of layer l (nudged by beta) from the activated s.
+
+  groups=None: every layer from the previous state at once (synchronous, App. D.2). A list
+  of groups of layers (e.g. odd_then_even): the groups in turn, each from the values just
+  computed (sequential). Each layer is updated once per step either way.
+  """
+  def synchronous(u, beta=None):
+    s = tuple(sigma(x) for x in u)
+    return tuple(new_u(s, l, beta) for l in range(num_layers))
+
+  def sequential(u, beta=None):
+    u, s = list(u), [sigma(x) for x in u]
+    for group in groups:
+      for l in group:
+        u[l] = new_u(s, l, beta)
+      for l in group:
+        s[l] = sigma(u[l])
+    return tuple(u)
+
+  return synchronous if groups is None else sequential
+
+
+def steps_of(num_steps, groups=None):
+  """How many steps of layered_step cover `num_steps` synchronous steps (the paper's unit):
+  as many without groups, ceil(num_steps / len(groups)) with them (one sequential step
+  computes each of the len(groups) groups once, after the one before it)."""
+  return num_steps if groups is None else -(-num_steps // len(groups))
 
 
 # ------------------------------------------------------------------ fixed-point iteration

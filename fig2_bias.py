@@ -113,7 +113,7 @@ def load_trained(workdir):
                 for k, v in ckpt['config'].items() if k in net})
     fmnist_mlp.check_config(net, num_local_devices=1)
     params = fmnist_mlp.init_params(jax.random.PRNGKey(0), net)
-    template = (params, fmnist_mlp.make_optimizer(net).init(params))
+    template = (params, fmnist_mlp.make_optimizer(net, None).init(params))
     params = harness.restore_checkpoint(ckpt, template)[0]
   except (ConfigError, TypeError, KeyError, ValueError) as e:
     raise ConfigError(f'{path} does not hold fmnist_mlp.py MLP parameters ({e})') from e
@@ -140,12 +140,13 @@ def init_network(config, hidden_sizes, alpha):
 
 def load_batch(config, dtype):
   """`batch_size` training images drawn with the seed: x in [0, 1] and the labels."""
-  images, labels = fmnist_mlp.load_data(config)['train']
-  if config.batch_size > len(images):
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {len(images)} training images')
-  idx = np.sort(np.random.default_rng(config.seed).choice(len(images), config.batch_size,
+  train = fmnist_mlp.load_data(config).train
+  if config.batch_size > len(train):
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the {len(train)} training images')
+  idx = np.sort(np.random.default_rng(config.seed).choice(len(train), config.batch_size,
                                                           replace=False))
-  return jnp.asarray(images[idx], dtype) / 255.0, jnp.asarray(labels[idx]), idx
+  images, labels = train.read(idx)
+  return jnp.asarray(images, dtype) / 255.0, jnp.asarray(labels), idx
 
 
 def max_residual(config):

@@ -19,9 +19,10 @@ forward/backward weight angle here, and the metrics say so (null) rather than in
     python fmnist_feedback.py --config=configs/fmnist_feedback.py --workdir=runs/feedback_l0 \
         --config.homeo_coef=0
 
-Only the network is defined here. The dynamics, the estimators, the training, the
-diagnostics and the data are those of fmnist_mlp.py (with its sign convention), run on this
-network (FEEDBACK).
+Only the network is defined here: it joins fmnist_mlp.NETWORKS as 'feedback' (the config's
+`network`), and the dynamics, the estimators, the training, the diagnostics and the data are
+those of fmnist_mlp.py (with its sign convention). It is the worked example of a new network
+(README, "Fork it").
 
 What the homeostatic loss is here. G is affine in s, so J = dF/ds = K - I is the same at
 every state, and because the graph is a cycle of length >= 3, tr(K) = tr(K^2) = 0. Eq. 12's
@@ -35,6 +36,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+import common
 import fmnist_mlp as mlp
 import harness
 from fmnist_mlp import NUM_CLASSES, dot
@@ -86,7 +88,7 @@ def around_the_cycle(num_layers):
   exactly: after k sweeps from zeros, layer l (1-based) holds u_l(C (k - 1) + l) of the
   synchronous trajectory, the output layer u_out(C k). One sweep costs one synchronous step
   (each layer is computed once) and advances the chain by C steps, so T synchronous steps
-  cost ceil(T / C) sweeps (a third for the network of Fig. 4e; fmnist_mlp.steps_for). The
+  cost ceil(T / C) sweeps (a third for the network of Fig. 4e; common.steps_of). The
   fixed points are the same. With beta != 0 the nudge couples the output layer to its own
   previous value, which here is that of the previous sweep (C synchronous steps back instead
   of one); the nudged fixed point is unchanged.
@@ -94,22 +96,21 @@ def around_the_cycle(num_layers):
   return [[l] for l in range(num_layers)]
 
 
-# No weight angle: no weight here has a transposed partner (the metrics record null).
-FEEDBACK = mlp.Network(init_params, layer_drive, around_the_cycle, weight_angles=None)
-
-
-def check_config(config, num_local_devices):
-  """fmnist_mlp's checks, and at least two hidden layers; returns the number of devices."""
-  num_devices = mlp.check_config(config, num_local_devices)
+def needs_two_hidden_layers(config):
+  """With one hidden layer, the feedback out -> 1 would be the reciprocal of 1 -> out."""
   if len(config.hidden_sizes) < 2:
     raise ConfigError('hidden_sizes needs >= 2 layers: with one, the feedback out -> 1 would be '
                       f'the reciprocal of 1 -> out (got {config.hidden_sizes})')
-  return num_devices
+
+
+# No weight angle: no weight here has a transposed partner (the metrics record null).
+mlp.NETWORKS['feedback'] = common.Network(init_params, layer_drive, around_the_cycle,
+                                          weight_angles=None, check_config=needs_two_hidden_layers)
 
 
 def train_and_evaluate(config, workdir=None):
   """fmnist_mlp's main loop on this network; returns the list of per-epoch metrics."""
-  return mlp.train_and_evaluate(config, workdir, FEEDBACK, SCRIPT, check_config)
+  return mlp.train_and_evaluate(config, workdir, SCRIPT)
 
 
 if __name__ == '__main__':

@@ -7,11 +7,12 @@ the fixed point is not symmetric unless the weights are tied.
     python fmnist_mlp.py --config=configs/fmnist_mlp.py --workdir=runs/mlp
     python fmnist_mlp.py --config=configs/fmnist_mlp.py --config.algorithm=hep_exact
 
-The script reads top to bottom beside the paper: network, gradient estimators, train step,
-diagnostics, config, data, main loop. The shared math (fixed point, Cauchy estimate, RBP,
-homeostatic loss) lives in common.py, the run machinery (workdir, checkpoint, metrics,
-command line) in harness.py. fmnist_feedback.py runs all of this on the network of Fig. 4e:
-what depends on the network's wiring takes it as `net` (a Network; the MLP by default).
+The script reads top to bottom beside the paper, in the sections of cifar_conv.py: network,
+gradient estimators, train step, diagnostics, data, config checks, main loop. The shared math
+(layered dynamics, fixed point, Cauchy estimate, RBP, homeostatic loss) lives in common.py,
+the run machinery (workdir, checkpoint, metrics, command line) in harness.py. The network is
+the one `config.network` names in NETWORKS: fmnist_feedback.py adds the network of Fig. 4e
+there and runs everything else from this file.
 
 Sign convention (the authors' code; see the README): the nudge ADDS beta * dL/ds_out to the
 output layer's drive, where L is the softmax cross-entropy of the readout. Then
@@ -20,7 +21,6 @@ output layer's drive, where L is the softmax cross-entropy of the readout. Then
 the estimate.)
 """
 import os
-from typing import Callable, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -33,7 +33,6 @@ import harness
 
 ALGORITHMS = ('hep', 'hep_exact', 'hep_continuous', 'rbp', 'bptt')
 NUM_CLASSES = 10
-SPLIT_SIZES = {'train': 60000, 'test': 10000}
 SCRIPT = os.path.basename(__file__)
 ConfigError = harness.ConfigError
 
@@ -91,19 +90,6 @@ def layer_drive(params, s, x_drive, l):
   return g
 
 
-def odd_then_even(num_layers):
-  """The 'sequential' update order (make_step): layers 1, 3, 5, ..., then layers 2, 4, ...
-
-  Layers only talk to their neighbours, so the synchronous dynamics split into two
-  independent interleaved chains (odd layers at even times with even layers at odd times,
-  and the reverse). One sequential step advances one chain by two synchronous steps at the
-  cost of one: from the same start, it reproduces that chain of the synchronous trajectory
-  exactly, and it has the same fixed points. With beta != 0 the nudge couples the output
-  layer to its own previous value, which here is taken from its own chain.
-  """
-  return [list(range(0, num_layers, 2)), list(range(1, num_layers, 2))]
-
-
 def weight_angles(params):
   """Angle in degrees between each backward matrix and the transposed forward one (Fig. 3a-b)."""
   angles = []
@@ -114,26 +100,29 @@ def weight_angles(params):
   return angles
 
 
-class Network(NamedTuple):
-  """The wiring of a network on the dynamics of App. D.2; everything else is shared.
-
-  init_params(key, config) -> params; layer_drive(params, s, x_drive, l) -> G_l(s);
-  update_groups(num_layers) -> the 'sequential' order, as groups of layers that are computed
-  together from the latest values; weight_angles(params) -> degrees per backward weight
-  (Fig. 3a-b), or None where no weight has a transposed partner.
-  """
-  init_params: Callable
-  layer_drive: Callable
-  update_groups: Callable
-  weight_angles: Optional[Callable]
+# The networks a config can name (config.network). The 'sequential' order updates the odd
+# layers, then the even ones (common.odd_then_even): layers only talk to their neighbours,
+# so the synchronous dynamics split into two independent interleaved chains (odd layers at
+# even times with even layers at odd times, and the reverse), and one sequential step
+# advances one chain by two synchronous steps at the cost of one: from the same start it
+# reproduces that chain of the synchronous trajectory exactly (tested), with the same fixed
+# points. With beta != 0 the nudge couples the output layer to its own previous value,
+# which is then taken from its own chain.
+NETWORKS = {'reciprocal': common.Network(init_params, layer_drive, common.odd_then_even,
+                                         weight_angles)}
 
 
-MLP = Network(init_params, layer_drive, odd_then_even, weight_angles)
+def network(config):
+  return NETWORKS[config.network]
 
 
-def drives(params, s, x_drive, net=MLP):
+def layer_count(config):
+  return len(config.hidden_sizes) + 1
+
+
+def drives(config, params, s, x_drive):
   """G(s) for all layers: u <- G(sigma(u)) is the free synchronous step of App. D.2."""
-  return tuple(net.layer_drive(params, s, x_drive, l) for l in range(len(s)))
+  return tuple(network(config).layer_drive(params, s, x_drive, l) for l in range(len(s)))
 
 
 def readout_logits(params, s_out):
@@ -141,64 +130,55 @@ def readout_logits(params, s_out):
 
 
 def readout_loss(params, s_out, labels):
-  """Mean softmax cross-entropy of the readout, and the accuracy."""
+  """(mean softmax cross-entropy, {'accuracy': top-1}) of the readout."""
   logits = readout_logits(params, s_out)
   loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, NUM_CLASSES)).mean()
-  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+  return loss, {'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
 def loss_grad_s(params, s_out, labels):
-  """g = dL/ds_out per sample, L the softmax cross-entropy (holomorphic in s_out)."""
+  """g = dL/ds_out per sample, L the softmax cross-entropy; holomorphic in s_out
+  (jax.nn.softmax takes complex logits: its shift by their max is a constant per sample)."""
   probs = jax.nn.softmax(readout_logits(params, s_out))
   return dot(probs - jax.nn.one_hot(labels, NUM_CLASSES), params['readout']['w'].T)
 
 
-def make_step(config, params, x_drive, labels=None, net=MLP):
-  """step(u, beta) -> next state of u <- G(sigma(u)) + beta dL/ds_out (beta = 0: free).
+def update_groups(config):
+  """None for synchronous updates, else the network's groups of the 'sequential' order."""
+  if config.layer_updates == 'synchronous':
+    return None
+  return network(config).update_groups(layer_count(config))
 
-  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order:
-  'synchronous', every layer at once from the previous state, exactly App. D.2; or
-  'sequential' (default), the groups of net.update_groups in turn, each from the values
-  just computed (odd_then_even for the MLP).
 
-  T_free and T_nudge count synchronous steps (the paper's unit); callers run
-  steps_for(config, T) steps of the configured order for them.
+def make_step(config, params, x_drive, labels=None):
+  """step(u, beta) -> next state of u <- G(sigma(u)) + beta dL/ds_out (beta = None: free).
+
+  Definition 1 holds with dF/dbeta = dL/ds. config.layer_updates picks the update order
+  (common.layered_step): 'synchronous', every layer at once from the previous state, exactly
+  App. D.2; or 'sequential' (the default here), the network's groups in turn, each from the
+  values just computed. T_free and T_nudge count synchronous steps (the paper's unit);
+  callers run steps_for(config, T) steps of the configured order for them.
   """
-  num_layers = len(config.hidden_sizes) + 1
+  layer_drive, top = network(config).layer_drive, layer_count(config) - 1
 
   def new_u(s, l, beta):
-    g = net.layer_drive(params, s, x_drive, l)
-    if l == num_layers - 1 and beta is not None:
+    g = layer_drive(params, s, x_drive, l)
+    if l == top and beta is not None:
       g = g + beta * loss_grad_s(params, s[-1], labels)
     return g
 
-  def synchronous(u, beta=None):
-    s = activate(u)
-    return tuple(new_u(s, l, beta) for l in range(num_layers))
-
-  def sequential(u, beta=None):
-    u, s = list(u), list(activate(u))
-    for group in net.update_groups(num_layers):
-      for l in group:
-        u[l] = new_u(s, l, beta)
-      for l in group:
-        s[l] = sigma(u[l])
-    return tuple(u)
-
-  return synchronous if config.layer_updates == 'synchronous' else sequential
+  return common.layered_step(new_u, sigma, layer_count(config), update_groups(config))
 
 
-def steps_for(config, num_synchronous_steps, net=MLP):
-  """Steps of make_step's update that cover `num_synchronous_steps` synchronous steps: one
-  sequential step advances a chain of the synchronous dynamics by one step per group."""
-  if config.layer_updates == 'synchronous':
-    return num_synchronous_steps
-  groups = len(net.update_groups(len(config.hidden_sizes) + 1))
-  return -(-num_synchronous_steps // groups)  # ceil(T / groups)
+def steps_for(config, num_synchronous_steps):
+  """Steps of make_step's update for `num_synchronous_steps` synchronous steps: as many, or
+  ceil(T / number of groups) sequential ones (each advances a chain by one step per group)."""
+  return common.steps_of(num_synchronous_steps, update_groups(config))
 
 
-def zeros_state(config, batch):
-  return tuple(jnp.zeros((batch, n)) for n in (*config.hidden_sizes, NUM_CLASSES))
+def zeros_state(config, batch, dtype=None):
+  """The all-zeros state (dtype None: JAX's default float)."""
+  return tuple(jnp.zeros((batch, n), dtype) for n in (*config.hidden_sizes, NUM_CLASSES))
 
 
 # ======================================================================================
@@ -211,44 +191,43 @@ def estimator(config):
   return 'hep_exact' if config.algorithm == 'hep' and config.n_points == 0 else config.algorithm
 
 
-def free_relaxation(config, params, x_drive, net=MLP):
+def free_relaxation(config, params, x_drive):
   """The free phase: T_free steps from zeros (fewer with tol > 0). Returns (u_free, log10 of
   the last update, steps per sample) as common.fixed_point."""
-  step = make_step(config, params, x_drive, net=net)
+  step = make_step(config, params, x_drive)
   u0 = zeros_state(config, x_drive.shape[0])
-  return common.fixed_point(step, u0, steps_for(config, config.t_free, net), config.tol)
+  return common.fixed_point(step, u0, steps_for(config, config.t_free), config.tol)
 
 
-def nudged_relaxation(config, params, x_drive, labels, u_free, net=MLP):
+def nudged_relaxation(config, params, x_drive, labels, u_free):
   """beta -> s*(beta): T_nudge steps from the free fixed point (complex beta: complex state)."""
-  step = make_step(config, params, x_drive, labels, net)
+  step = make_step(config, params, x_drive, labels)
 
   def relax(beta):
     u0 = jax.tree_util.tree_map(lambda x: x.astype(jnp.result_type(x, beta)), u_free)
-    u, _, _ = common.fixed_point(lambda u: step(u, beta), u0,
-                              steps_for(config, config.t_nudge, net))
+    u = common.fixed_point(lambda u: step(u, beta), u0, steps_for(config, config.t_nudge))[0]
     return activate(u)
   return relax
 
 
-def continuous_estimate(config, params, x_drive, labels, net=MLP):
+def continuous_estimate(config, params, x_drive, labels):
   """(s_bar, e_bar) of continuous-time hEP (Eqs. 8-9): no free phase, starts from zeros.
 
   config.continuous_average picks the discretisation: 'hold_end' (the authors' Table 1
   runs: the state at the end of each hold of beta, averaged in u, s_bar = sigma(u_bar)) or
   'every_step' (Eq. 8 literally: every step's s averaged from t = 0).
   """
-  step = make_step(config, params, x_drive, labels, net)
+  step = make_step(config, params, x_drive, labels)
   u0 = zeros_state(config, x_drive.shape[0])
   args = (activate, config.beta, config.n_points,
-          steps_for(config, config.continuous_steps_per_point, net), config.continuous_periods)
+          steps_for(config, config.continuous_steps_per_point), config.continuous_periods)
   if config.continuous_average == 'hold_end':
     u_bar, e_bar = common.hold_end_estimate(step, u0, *args)
     return activate(u_bar), e_bar
   return common.continuous_time_estimate(step, u0, *args)
 
 
-def rbp_error(config, params, x_drive, labels, u_free, net=MLP):
+def rbp_error(config, params, x_drive, labels, u_free):
   """RBP's delta (Eq. 4) from the adjoint dynamics, with dL/du = D g on the output layer.
 
   delta is defined through J_F of the synchronous step u <- G(sigma(u)), so that is the
@@ -258,29 +237,29 @@ def rbp_error(config, params, x_drive, labels, u_free, net=MLP):
   dl_ds = (*(jnp.zeros_like(s) for s in s_free[:-1]),
            loss_grad_s(params, s_free[-1], labels))
   dl_du = jax.vjp(activate, u_free)[1](dl_ds)[0]
-  step = lambda u: drives(params, activate(u), x_drive, net)
+  step = lambda u: drives(config, params, activate(u), x_drive)
   return common.rbp_delta(step, u_free, dl_du, config.t_nudge)
 
 
-def network_grads(params, x, s_free, error, net=MLP):
+def network_grads(config, params, x, s_free, error):
   """(dG/dtheta)^T e at the free fixed point, averaged over the batch (Eqs. 4 and 6).
 
   Returns (grads, number of samples dropped): a sample whose error vector is not finite
   contributes nothing (common.drop_non_finite_samples).
   """
   error, dropped = common.drop_non_finite_samples(error)
-  _, vjp = jax.vjp(lambda p: drives(p, s_free, input_drive(p, x), net), params)
+  _, vjp = jax.vjp(lambda p: drives(config, p, s_free, input_drive(p, x)), params)
   return jax.tree_util.tree_map(lambda g: g / x.shape[0], vjp(error)[0]), dropped
 
 
-def bptt_grads(config, params, x, labels, u_free, net=MLP):
+def bptt_grads(config, params, x, labels, u_free):
   """The authors' "RBP/BP" baseline: autodiff through T_nudge steps from the free fixed point."""
   u_start = jax.lax.stop_gradient(u_free)
 
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
-    step = make_step(config, p, input_drive(p, x), net=net)
-    u = common.fixed_point(step, u_start, steps_for(config, config.t_nudge, net))[0]
+    step = make_step(config, p, input_drive(p, x))
+    u = common.fixed_point(step, u_start, steps_for(config, config.t_nudge))[0]
     return readout_loss(p, sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
 
@@ -294,16 +273,16 @@ def homeostatic_noise(config, key, sample_ids):
   return tuple(jnp.split(noise, splits, axis=-1))
 
 
-def homeostatic_grads(config, params, x, s_free, noise, net=MLP):
+def homeostatic_grads(config, params, x, s_free, noise):
   """Gradient of lambda * L_homeo (Eq. 12), J = dF/ds at the free fixed point held fixed."""
   s_fixed = jax.lax.stop_gradient(s_free)
   loss = lambda p: common.homeostatic_loss(
-      lambda s, x_drive: drives(p, s, x_drive, net), s_fixed, input_drive(p, x), noise)
+      lambda s, x_drive: drives(config, p, s, x_drive), s_fixed, input_drive(p, x), noise)
   value, grads = jax.value_and_grad(loss)(params)
   return value, jax.tree_util.tree_map(lambda g: config.homeo_coef * g, grads)
 
 
-def compute_grads(config, params, x, labels, key, sample_ids, net=MLP):
+def compute_grads(config, params, x, labels, key, sample_ids):
   """All gradients of one batch, read top to bottom.
 
   1. The network's gradient by the configured algorithm. Every algorithm but continuous-time
@@ -314,35 +293,35 @@ def compute_grads(config, params, x, labels, key, sample_ids, net=MLP):
   3. The homeostatic gradient (Eq. 12), if homeo_coef > 0.
   """
   x_drive = input_drive(params, x)
-  algorithm = estimator(config)
   metrics = {}
+  algorithm = estimator(config)
   if algorithm == 'hep_continuous':
     # Eqs. 8-9: no free phase; the time average s_bar stands for the free fixed point.
-    s_free, error = continuous_estimate(config, params, x_drive, labels, net)
-    grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error, net)
+    s_free, error = continuous_estimate(config, params, x_drive, labels)
+    grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
   else:
-    u_free, metrics['log10_residual'], _ = free_relaxation(config, params, x_drive, net)
+    u_free, metrics['log10_residual'], _ = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
-    relax = nudged_relaxation(config, params, x_drive, labels, u_free, net)  # beta -> s*(beta)
+    relax = nudged_relaxation(config, params, x_drive, labels, u_free)  # beta -> s*(beta)
     if algorithm == 'hep':  # Eq. 7: N-point Cauchy estimate of d_beta s*
       error = common.cauchy_estimate(relax, s_free, config.beta, config.n_points)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error, net)
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
     elif algorithm == 'hep_exact':  # Table 1's "true d_beta u*" (forward mode)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free,
-                                                        common.exact_dbeta(relax), net)
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free,
+                                                        common.exact_dbeta(relax))
     elif algorithm == 'rbp':  # Eq. 4: the adjoint fixed point delta
-      error = rbp_error(config, params, x_drive, labels, u_free, net)
-      grads, metrics['dropped_samples'] = network_grads(params, x, s_free, error, net)
+      error = rbp_error(config, params, x_drive, labels, u_free)
+      grads, metrics['dropped_samples'] = network_grads(config, params, x, s_free, error)
     else:  # 'bptt': backpropagation through T_nudge steps from the free fixed point
-      grads = bptt_grads(config, params, x, labels, u_free, net)
+      grads = bptt_grads(config, params, x, labels, u_free)
 
-  (loss, accuracy), readout_grads = jax.value_and_grad(
+  (loss, readout_metrics), readout_grads = jax.value_and_grad(
       lambda p: readout_loss(p, s_free[-1], labels), has_aux=True)(params)
   grads = jax.tree_util.tree_map(jnp.add, grads, readout_grads)
-  metrics.update(loss=loss, accuracy=accuracy)
+  metrics.update(loss=loss, **readout_metrics)
   if config.homeo_coef > 0:
     noise = homeostatic_noise(config, key, sample_ids)
-    metrics['homeo_loss'], homeo = homeostatic_grads(config, params, x, s_free, noise, net)
+    metrics['homeo_loss'], homeo = homeostatic_grads(config, params, x, s_free, noise)
     grads = jax.tree_util.tree_map(jnp.add, grads, homeo)
   return grads, metrics
 
@@ -351,13 +330,23 @@ def compute_grads(config, params, x, labels, key, sample_ids, net=MLP):
 # Training and evaluation steps (jax.pmap over local devices)
 # ======================================================================================
 
-def make_optimizer(config):
+def make_optimizer(config, steps_total):
+  """Table 3's optimizers: SGD with momentum, or Adam, at a constant learning rate (so
+  steps_total, which a schedule would span, is not used)."""
+  del steps_total
   if config.optimizer == 'sgd':
     return optax.sgd(config.learning_rate, momentum=config.momentum or None)
   return optax.adam(config.learning_rate)
 
 
-def make_train_step(config, optimizer, net=MLP):
+def preprocess(config, images):
+  """Pixels / 255 (the images come flattened): no normalisation, the authors' Fashion-MNIST
+  input, whatever the config."""
+  del config
+  return images.astype(jnp.float32) / 255.0
+
+
+def make_train_step(config, optimizer):
   """One update. Each device takes its slice of the batch; gradients are averaged (pmean),
   and the metrics reduced so that every device holds those of the whole batch."""
   base_key = jax.random.PRNGKey(config.seed + 1)
@@ -365,9 +354,8 @@ def make_train_step(config, optimizer, net=MLP):
   def train_step(params, opt_state, step, images, labels):
     local = images.shape[0]
     sample_ids = step * config.batch_size + jax.lax.axis_index('batch') * local + jnp.arange(local)
-    x = images.astype(jnp.float32) / 255.0
-    grads, metrics = compute_grads(config, params, x, labels,
-                                   jax.random.fold_in(base_key, step), sample_ids, net)
+    grads, metrics = compute_grads(config, params, preprocess(config, images), labels,
+                                   jax.random.fold_in(base_key, step), sample_ids)
     grads = jax.lax.pmean(grads, 'batch')
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -377,54 +365,52 @@ def make_train_step(config, optimizer, net=MLP):
                   donate_argnums=(0, 1))
 
 
-def make_eval_step(config, net=MLP):
+def make_eval_step(config):
   """Number of misclassified test images (free phase + readout), summed over devices."""
   def eval_step(params, images, labels, mask):
-    x = images.astype(jnp.float32) / 255.0
-    u, _, _ = free_relaxation(config, params, input_drive(params, x), net)
+    x = preprocess(config, images)
+    u, _, _ = free_relaxation(config, params, input_drive(params, x))
     wrong = jnp.argmax(readout_logits(params, sigma(u[-1])), -1) != labels
     return jax.lax.psum(jnp.sum(wrong * mask), 'batch')
   return jax.pmap(eval_step, axis_name='batch')
 
 
-def evaluate(eval_step, params, data, config, num_devices):
-  """Test error in % over the whole split (the last batch padded and masked)."""
-  x, y = data
-  wrong = 0
-  for idx, mask in harness.process_eval_indices(len(x), config.eval_batch_size):
-    batch = (x[idx], y[idx], mask)
-    wrong += float(eval_step(params, *(harness.shard(a, num_devices) for a in batch))[0])
-  return 100.0 * wrong / len(x)
+def evaluate(eval_step, params, split, config, num_devices):
+  """{'test_error': % misclassified over the whole split} (harness.evaluate_counts)."""
+  wrong = harness.evaluate_counts(eval_step, params, split, config.eval_batch_size, num_devices)
+  return {'test_error': 100.0 * float(wrong) / len(split)}
 
 
 # ======================================================================================
 # Diagnostics (one fixed batch per epoch, off the hot path)
 # ======================================================================================
 
-def make_diagnostics(config, net=MLP):
+def make_diagnostics(config):
   """Symmetry, alignment and convergence of the network on one batch (Figs. 3-4)."""
+
+  angles = network(config).weight_angles
 
   @jax.jit
   def diagnostics(params, images, labels):
-    x = images.astype(jnp.float32) / 255.0
+    x = preprocess(config, images)
     x_drive = input_drive(params, x)
-    u_free, log10_residual, _ = free_relaxation(config, params, x_drive, net)
+    u_free, log10_residual, _ = free_relaxation(config, params, x_drive)
     s_free = activate(u_free)
-    relax = nudged_relaxation(config, params, x_drive, labels, u_free, net)
-    delta = rbp_error(config, params, x_drive, labels, u_free, net)
+    relax = nudged_relaxation(config, params, x_drive, labels, u_free)
+    delta = rbp_error(config, params, x_drive, labels, u_free)
     cos = lambda e: [jnp.mean(common.per_sample_cosine(a, b)) for a, b in zip(e, delta)]
     out = {'log10_residual': log10_residual, 'cosine_exact': cos(common.exact_dbeta(relax))}
     if estimator(config) == 'hep':
       out['cosine_estimate'] = cos(common.cauchy_estimate(relax, s_free, config.beta,
                                                           config.n_points))
     elif estimator(config) == 'hep_continuous':
-      out['cosine_estimate'] = cos(continuous_estimate(config, params, x_drive, labels, net)[1])
+      out['cosine_estimate'] = cos(continuous_estimate(config, params, x_drive, labels)[1])
 
     # Dense J = dF/ds = K - I on a few samples: the symmetry measure and the exact value
     # of the homeostatic loss, next to its Hutchinson estimate on the whole batch.
     def one_sample(s, xd):
       one = lambda t: tuple(a[None] for a in t)
-      field = lambda z: common.tree_sub(drives(params, z, xd[None], net), z)
+      field = lambda z: common.tree_sub(drives(config, params, z, xd[None]), z)
       jac = common.flat_jacobian(field, one(s))
       return common.symmetry_measure(jac), common.homeostatic_loss_exact(jac)
     m = config.diag_jacobian_samples
@@ -432,10 +418,10 @@ def make_diagnostics(config, net=MLP):
     noise = homeostatic_noise(config, jax.random.PRNGKey(0), jnp.arange(x.shape[0]))
     out.update(
         symmetry=jnp.mean(sym), homeo_loss_exact=jnp.mean(homeo_exact),
-        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(params, s, xd, net), s_free,
+        homeo_loss=common.homeostatic_loss(lambda s, xd: drives(config, params, s, xd), s_free,
                                            x_drive, noise),
         # None (null in the metrics) where no weight has a transposed partner.
-        weight_angle=net.weight_angles(params) if net.weight_angles else None,
+        weight_angle=angles(params) if angles else None,
         loss=readout_loss(params, s_free[-1], labels)[0])
     return out
 
@@ -443,59 +429,16 @@ def make_diagnostics(config, net=MLP):
 
 
 # ======================================================================================
-# Config
-# ======================================================================================
-
-# Each field's rule for harness.check_fields: the choices, or (type, low, high, above).
-FIELDS = {
-    'dataset': ('fashion_mnist',), 'data_source': ('auto', 'idx', 'tfds'),
-    'layer_updates': ('sequential', 'synchronous'), 'algorithm': ALGORITHMS,
-    'optimizer': ('sgd', 'adam'), 'continuous_average': ('hold_end', 'every_step'),
-    'seed': (int, 0, 2**31 - 1), 'train_size': (int, 0, SPLIT_SIZES['train']),
-    'test_size': (int, 0, SPLIT_SIZES['test']),
-    **{name: (int, 1) for name in ('t_free', 't_nudge', 'continuous_steps_per_point',
-                                   'continuous_periods', 'homeo_draws', 'batch_size',
-                                   'eval_batch_size', 'num_epochs', 'diag_batch_size')},
-    'tol': (float, 0), 'n_points': (int, 0, 64), 'beta': (float, None, None, 0),
-    'homeo_coef': (float, 0), 'learning_rate': (float, None, None, 0),
-    'momentum': (float, 0, 0.999), 'num_devices': (int, 0), 'log_every_steps': (int, 0),
-    'max_log10_residual': (float,), 'max_train_loss': (float, None, None, 0),
-}
-
-# Fields that may differ when a run is resumed: where the data are, how many devices share
-# the batch, how often to log, and how long to train. Any other change is a different run.
-RESUMABLE_FIELDS = ('num_epochs', 'num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir')
-
-
-def check_config(config, num_local_devices):
-  """Checks every field (one-line ConfigError on bad input) before any data is read or
-  anything is compiled; returns the number of devices to use. Changes nothing."""
-  c = config
-  harness.check_fields(c, FIELDS)
-  harness.check_int_tuple(c, 'hidden_sizes', 1)
-  harness.check_number(c, 'diag_jacobian_samples', int, 1, c.diag_batch_size)
-  if 'alpha' in c:  # the backward weights' initial angle (fmnist_feedback.py has none)
-    harness.check_number(c, 'alpha', float, 0, 180)
-  if c.algorithm == 'hep_continuous' and c.n_points < 2:
-    raise ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
-  return harness.check_devices(c, num_local_devices)
-
-
-def default_workdir(config, script=SCRIPT):
-  """runs/<script>/<algorithm and its main settings>-<hash of the whole run config>."""
-  c = config
-  algorithm = estimator(c)
-  name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
-          f'hepcont{c.n_points}_beta{c.beta:g}'}.get(algorithm, algorithm)
-  return harness.default_workdir(script, f'{name}_homeo{c.homeo_coef:g}_seed{c.seed}', c,
-                                 RESUMABLE_FIELDS)
-
-
-# ======================================================================================
 # Data
 # ======================================================================================
+# A split has len() and read(indices) -> (uint8 images (n, 784), int32 labels (n,)):
+# Fashion-MNIST is held in memory (harness.MemorySplit); pixels are scaled on the device
+# (preprocess).
 
-def load_tfds(data_dir):
+SPLIT_SIZES = {'train': 60000, 'test': 10000}
+
+
+def read_prepared_tfds(data_dir):
   """Fashion-MNIST from a TFDS data_dir prepared in a random-access format (array_record).
 
   No download is attempted (download=False): without the prepared files this fails at once
@@ -520,17 +463,68 @@ def load_tfds(data_dir):
 
 
 def load_data(config):
-  """{'train': (x, y), 'test': (x, y)} with x uint8 (n, 784) and integer labels."""
+  """harness.Data(train, test) of Fashion-MNIST, images flattened (n, 784), the first
+  train_size / test_size of each split (0 = all). config.data_source: 'idx' reads the four
+  IDX .gz files in data_dir ('' = the Debian package's folder), 'tfds' a prepared TFDS
+  data set in tfds_data_dir, 'auto' the IDX files where they are."""
   if config.data_source == 'idx' or (config.data_source == 'auto' and (
       config.data_dir or os.path.isdir(harness.FASHION_MNIST_DIR))):
     data = harness.load_fashion_mnist(config.data_dir or harness.FASHION_MNIST_DIR)
     data = {split: (x.reshape(len(x), -1), y) for split, (x, y) in data.items()}
   else:
-    data = load_tfds(config.tfds_data_dir)
-  for split, size in (('train', config.train_size), ('test', config.test_size)):
-    if size:
-      data[split] = tuple(a[:size] for a in data[split])
-  return data
+    data = read_prepared_tfds(config.tfds_data_dir)
+  return harness.memory_data(config, data)
+
+
+# ======================================================================================
+# Config checks
+# ======================================================================================
+
+FIELDS = {  # harness.check_fields: choices, bool, or (kind, low, high, above)
+    'dataset': ('fashion_mnist',), 'data_source': ('auto', 'idx', 'tfds'),
+    'layer_updates': ('sequential', 'synchronous'), 'algorithm': ALGORITHMS,
+    'optimizer': ('sgd', 'adam'), 'continuous_average': ('hold_end', 'every_step'),
+    'seed': (int, 0, 2**31 - 1), 'train_size': (int, 0, SPLIT_SIZES['train']),
+    'test_size': (int, 0, SPLIT_SIZES['test']),
+    **{name: (int, 1) for name in ('t_free', 't_nudge', 'continuous_steps_per_point',
+                                   'continuous_periods', 'homeo_draws', 'batch_size',
+                                   'eval_batch_size', 'num_epochs', 'diag_batch_size')},
+    'tol': (float, 0), 'n_points': (int, 0, 64), 'beta': (float, None, None, 0),
+    'homeo_coef': (float, 0), 'learning_rate': (float, None, None, 0),
+    'momentum': (float, 0, 0.999), 'num_devices': (int, 0), 'log_every_steps': (int, 0),
+    'max_log10_residual': (float,), 'max_train_loss': (float, None, None, 0),
+}
+# Fields that may differ when a run is resumed: where the data are, how many devices share
+# the batch, how often to log, and how long to train (the learning rate is constant, so a
+# longer run continues a shorter one; the conv scripts' cosine schedule spans the run).
+RESUMABLE_FIELDS = ('num_epochs', 'num_devices', 'log_every_steps', 'data_dir', 'tfds_data_dir')
+
+
+def check_config(config, num_local_devices):
+  """Checks every field (one-line ConfigError on bad input) before any data is read or
+  anything is compiled; returns the number of local devices to use. Changes nothing."""
+  c = config
+  harness.check_choice(c, 'network', tuple(NETWORKS))
+  harness.check_fields(c, FIELDS)
+  harness.check_int_tuple(c, 'hidden_sizes', 1)
+  harness.check_number(c, 'diag_jacobian_samples', int, 1, c.diag_batch_size)
+  if 'alpha' in c:  # the backward weights' initial angle (the feedback network has none)
+    harness.check_number(c, 'alpha', float, 0, 180)
+  if c.algorithm == 'hep_continuous' and c.n_points < 2:
+    raise ConfigError(f'hep_continuous needs n_points >= 2, got {c.n_points}')
+  if network(c).check_config:
+    network(c).check_config(c)
+  return harness.check_devices(c, num_local_devices)
+
+
+def default_workdir(config, script=SCRIPT):
+  """runs/<script>/<algorithm and its main settings>-<hash of the whole run config>."""
+  c = config
+  algorithm = estimator(c)
+  name = {'hep': f'hep{c.n_points}_beta{c.beta:g}', 'hep_continuous':
+          f'hepcont{c.n_points}_beta{c.beta:g}'}.get(algorithm, algorithm)
+  return harness.default_workdir(script, f'{name}_homeo{c.homeo_coef:g}_seed{c.seed}', c,
+                                 RESUMABLE_FIELDS)
 
 
 # ======================================================================================
@@ -538,58 +532,56 @@ def load_data(config):
 # ======================================================================================
 
 @harness.releases_workdirs
-def train_and_evaluate(config, workdir=None, net=MLP, script=SCRIPT, check=check_config):
-  """Trains for config.num_epochs epochs; returns the list of per-epoch metrics.
-
-  Order of work: check the config, the workdir and the data (each bad input is one
-  ConfigError line), then compile and train. Every epoch ends with one metrics row and an
-  atomic checkpoint; a rerun with the same workdir resumes after the last checkpoint.
-  fmnist_feedback.py passes its network, its name and its config check.
-  """
-  num_devices = check(config, jax.local_device_count())
+def train_and_evaluate(config, workdir=None, script=SCRIPT):
+  """Trains for config.num_epochs epochs; returns the per-epoch metrics rows. Every check
+  passes before anything is written or compiled; every epoch ends with a metrics row and
+  an atomic checkpoint, from which a rerun resumes. fmnist_feedback.py runs this loop on its
+  network (`script` names the default workdir's folder)."""
+  num_devices = check_config(config, jax.local_device_count())
   workdir = harness.Workdir(workdir or default_workdir(config, script), config,
                             RESUMABLE_FIELDS)
-  logging.info('workdir: %s', workdir.path)
-  data = load_data(config)
-  num_train = len(data['train'][0])
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} training images')
+  data = harness.check_batches(config, load_data(config))
   workdir.start()
+  logging.info('workdir: %s', workdir.path)
+  num_train = len(data.train)
+  steps_per_epoch = num_train // config.batch_size
 
-  optimizer = make_optimizer(config)
-  params = net.init_params(jax.random.PRNGKey(config.seed), config)
+  optimizer = make_optimizer(config, config.num_epochs * steps_per_epoch)
+  params = network(config).init_params(jax.random.PRNGKey(config.seed), config)
   (params, opt_state), start_epoch = workdir.restore((params, optimizer.init(params)))
   if harness.run_is_complete(workdir.path, start_epoch, config.num_epochs):
     return workdir.history
   params, opt_state = harness.replicate((params, opt_state), num_devices)
 
-  train_step = make_train_step(config, optimizer, net)
-  eval_step = make_eval_step(config, net)
-  diagnostics = make_diagnostics(config, net)
-  diag_x, diag_y = (a[:config.diag_batch_size] for a in data['train'])
+  train_step = make_train_step(config, optimizer)
+  eval_step = make_eval_step(config)
+  diagnostics = make_diagnostics(config)
+  diag_x, diag_y = data.train.read(np.arange(config.diag_batch_size))
   # XLA:CPU runs all its devices on one shared thread pool: a device that runs ahead into
   # the next step's all-reduce can starve the others (a rendezvous deadlock on 2 cores).
   lockstep = num_devices > 1 and jax.default_backend() == 'cpu'
 
   for epoch in range(start_epoch, config.num_epochs + 1):
+    indices = harness.process_batch_indices(num_train, config.batch_size, config.seed, epoch)
+    batches = harness.prefetch(harness.read_batches(data.train, indices),
+                               put=lambda batch: tuple(harness.shard(a, num_devices) for a in batch))
     progress = harness.Progress(epoch, steps_per_epoch, config.batch_size,
                                 config.log_every_steps, config.max_train_loss, config.num_epochs)
-    batches = harness.process_batch_indices(num_train, config.batch_size, config.seed, epoch)
-    for i, idx in enumerate(batches):
+    for i, (images, labels) in enumerate(batches):
       step = np.int32((epoch - 1) * steps_per_epoch + i)
-      params, opt_state, metrics = train_step(
-          params, opt_state, step, *(harness.shard(a[idx], num_devices) for a in data['train']))
+      params, opt_state, metrics = train_step(params, opt_state, step, images, labels)
       if lockstep:
         jax.block_until_ready(params)
       if not progress.add(metrics):
         break
+    batches.close()  # stops the prefetch thread if the epoch ended early
+
     row = progress.row(step=epoch * steps_per_epoch)
     host_params = harness.unreplicate(params)
     harness.stop_if_diverged(workdir, row, host_params, config.max_train_loss)
-    row['test_error'] = evaluate(eval_step, params, data['test'], config, num_devices)
-    row.update({'diag/' + k: v for k, v in harness.to_floats(
-        diagnostics(host_params, diag_x, diag_y)).items()})
+    row.update(evaluate(eval_step, params, data.test, config, num_devices))
+    row.update({'diag/' + k: v for k, v in
+                harness.to_floats(diagnostics(host_params, diag_x, diag_y)).items()})
     residual = harness.flag_unconverged(row, config.max_log10_residual)
     workdir.save(epoch, row, (host_params, harness.unreplicate(opt_state)))
     angles = row['diag/weight_angle']

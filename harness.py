@@ -6,12 +6,13 @@
                     one run at a time: an OS lock), releases_workdirs
     metrics         Progress (per-step metrics -> log lines and the epoch's row), read_rows
     processes       start_processes, all_or_none, broadcast, batch / eval indices
-    input           read_idx, load_fashion_mnist, read_batches, prefetch, TFDS preparation
+    input           Data, MemorySplit, memory_data, check_batches, read_idx,
+                    load_fashion_mnist, read_batches, prefetch, evaluate_counts, TFDS preparation
     command line    parse_flags, run_main (one-line errors and exit codes, Ctrl-C, SIGTERM)
 
 The scripts hand in what differs between them (the fields a resumed run may change, the
 script's name): this module never imports a script and never reads an experiment's config
-fields beyond the few named here (num_devices, batch sizes, the process fields).
+fields beyond the few named here (num_devices, batch sizes, split sizes, the process fields).
 """
 import concurrent.futures
 import collections
@@ -777,6 +778,42 @@ def load_fashion_mnist(folder):
   return out
 
 
+Data = collections.namedtuple('Data', 'train test')  # splits: len() and read(indices)
+
+
+class MemorySplit:
+  """A split held in memory: read(indices) -> (images[indices], labels[indices])."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def read(self, indices):
+    return self.images[indices], self.labels[indices]
+
+
+def memory_data(config, arrays):
+  """Data of MemorySplits from {'train': (images, labels), 'test': (...)}: the first
+  config.train_size / config.test_size examples of each split (0 = all of it)."""
+  splits = {}
+  for split in ('train', 'test'):
+    size, available = config[f'{split}_size'], len(arrays[split][0])
+    if size > available:
+      raise ConfigError(f'{split}_size={size} but only {available} {split} images were found')
+    splits[split] = MemorySplit(*(a[:size or available] for a in arrays[split]))
+  return Data(**splits)
+
+
+def check_batches(config, data):
+  """The loaded data, if the training batch and the diagnostics' batch fit its training set."""
+  for name in ('batch_size', 'diag_batch_size'):
+    if config[name] > len(data.train):
+      raise ConfigError(f'{name}={config[name]} exceeds the {len(data.train)} training images')
+  return data
+
+
 def map_ahead(fn, items, threads=1, ahead=2):
   """fn(item) for each item in order, computed up to `ahead` items ahead of the consumer on
   `threads` background threads. Exceptions are raised here; closing the generator (leaving a
@@ -800,6 +837,21 @@ def prefetch(iterator, put=jax.device_put, size=2):
   """put(item) of each item (e.g. onto the devices) `size` items ahead on a background thread:
   the host prepares the next batches while the devices compute."""
   return map_ahead(put, iterator, 1, size)
+
+
+def evaluate_counts(eval_step, params, split, batch_size, num_devices, threads=1):
+  """The sum over a whole split of what eval_step(params, images, labels, mask) counts (its
+  output on the first device; eval_step sums over the devices): each process reads its own
+  block of the split in calls of batch_size // process_count examples, the last ones padded
+  and masked (process_eval_indices), a few calls ahead on background threads."""
+  calls = process_eval_indices(len(split), batch_size, jax.process_index(), jax.process_count())
+  batches = prefetch(
+      zip(read_batches(split, [idx for idx, _ in calls], threads), (mask for _, mask in calls)),
+      put=lambda batch: tuple(shard(a, num_devices) for a in (*batch[0], batch[1])))
+  total = np.float64(0)
+  for images, labels, mask in batches:
+    total = total + np.asarray(eval_step(params, images, labels, mask)[0])
+  return total
 
 
 def url_reachable(url, timeout_s=3.0):

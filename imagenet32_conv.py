@@ -49,15 +49,6 @@ SCRIPT = os.path.basename(__file__)
 #
 # Normalisation (the authors' convention): per-channel mean, and std multiplied by 1.5.
 
-DATASETS = {
-    'imagenet32': dict(tfds_name='imagenet_resized/32x32', test_split='validation',
-                       num_classes=1000, mean=(0.485, 0.456, 0.406),
-                       std=tuple(1.5 * s for s in (0.229, 0.224, 0.225)),
-                       train_size=1281167, test_size=50000,
-                       url='http://www.image-net.org/data/downsample/Imagenet32_val_npz.zip'),
-}
-
-
 class Split:
   """Random access to the first `size` examples of a TFDS data source.
 
@@ -79,19 +70,19 @@ class Split:
 
 def prepare_tfds(config):
   """The TFDS builder; process 0 downloads and prepares the data set if needed."""
-  info = DATASETS[config.dataset]
+  info = cifar_conv.DATASETS[config.dataset]
   return harness.tfds_builder(info['tfds_name'], config.tfds_data_dir, info['url'],
                               prepare=jax.process_index() == 0)
 
 
 def load_data(config):
-  """cifar_conv.Data over the prepared data (test = the validation split), read on demand.
+  """harness.Data over the prepared data (test = the validation split), read on demand.
 
   config.train_size / test_size > 0 keep the first n examples of the split.
   """
   # The other processes wait for process 0 to prepare the data (or to fail), then open it.
   builder = harness.all_or_none(lambda: prepare_tfds(config))
-  info = DATASETS[config.dataset]
+  info = cifar_conv.DATASETS[config.dataset]
   out = {}
   for split, tfds_split in (('train', 'train'), ('test', info['test_split'])):
     try:
@@ -110,13 +101,20 @@ def load_data(config):
       raise harness.ConfigError(f'{split}_size={size} but only {available} {split} images '
                                 'were found')
     out[split] = Split(source, size or available)
-  return cifar_conv.Data(out['train'], out['test'], info['mean'], info['std'])
+  return harness.Data(**out)
+
+
+# cifar_conv.py's data sets: config.dataset = 'imagenet32' picks this one.
+cifar_conv.DATASETS['imagenet32'] = dict(
+    load=load_data, tfds_name='imagenet_resized/32x32', test_split='validation',
+    num_classes=1000, mean=(0.485, 0.456, 0.406),
+    std=tuple(1.5 * s for s in (0.229, 0.224, 0.225)), train_size=1281167, test_size=50000,
+    url='http://www.image-net.org/data/downsample/Imagenet32_val_npz.zip')
 
 
 def train_and_evaluate(config, workdir=None):
   """cifar_conv.train_and_evaluate on ImageNet 32x32 (see there)."""
-  return cifar_conv.train_and_evaluate(config, workdir, datasets=DATASETS, load=load_data,
-                                       script=SCRIPT)
+  return cifar_conv.train_and_evaluate(config, workdir, SCRIPT)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ def get_config():
   # Network (Fig. 4e): 784 -> hidden_sizes[0] -> ... -> 10, each with a bias, and the output
   # layer feeding straight back to the first hidden layer (no bias). No reciprocal
   # connection exists, so no weight can be the transpose of another: there is no angle.
+  c.network = 'feedback'
   del c['alpha']
   # Dynamics: layer_updates='sequential' updates layer 1, 2, ..., output in turn from the
   # fresh values: the same fixed points and, in the free phase, exactly one of the L chains

@@ -23,6 +23,7 @@ def get_config():
 
   # Network: 784 - hidden_sizes - 10, reciprocal layers with independent forward and
   # backward weights; backward weights start at angle `alpha` (degrees) from the forward ones.
+  c.network = 'reciprocal'  # fmnist_mlp.NETWORKS ('feedback': fmnist_feedback.py's)
   c.hidden_sizes = (256, 256)
   c.alpha = 0.0  # 0 in Table 1 and Fig. 3's first column; 90 for Fig. 4a-d
 

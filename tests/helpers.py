@@ -183,9 +183,10 @@ def assert_trees_close(a, b, rtol):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max() + 1e-15)
 
 
-def without_count(network_grads, **kwargs):
-  """A script's network_grads(params, x, s_free, error) without its count of dropped samples."""
-  return lambda *args: network_grads(*args, **kwargs)[0]
+def without_count(network_grads):
+  """A script's network_grads(config, params, x, s_free, error) without its count of dropped
+  samples."""
+  return lambda *args: network_grads(*args)[0]
 
 
 # ================================================================ the tiny MLP
@@ -224,10 +225,9 @@ def tie(params):
   return params
 
 
-def free_fixed_point(config, params, x, net=fmnist_mlp.MLP):
-  """The free fixed point u* of an fmnist_mlp.py network (the MLP unless net says otherwise)."""
-  u, res, _ = fmnist_mlp.free_relaxation(config, params, fmnist_mlp.input_drive(params, x),
-                                      net=net)
+def free_fixed_point(config, params, x):
+  """The free fixed point u* of an fmnist_mlp.py network (the one config.network names)."""
+  u, res, _ = fmnist_mlp.free_relaxation(config, params, fmnist_mlp.input_drive(params, x))
   assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
   return u
 
@@ -243,8 +243,8 @@ def exact_and_rbp(config, params, x, labels):
 
 def mlp_dense(config, params, x, labels, u_free, i):
   """(K, d, g) of sample i of the MLP (dense_one)."""
-  del config  # the network is in the parameters
-  return dense_one(fmnist_mlp.activate, lambda s, x_drive: fmnist_mlp.drives(params, s, x_drive),
+  return dense_one(fmnist_mlp.activate,
+                   lambda s, x_drive: fmnist_mlp.drives(config, params, s, x_drive),
                    lambda s, y: fmnist_mlp.loss_grad_s(params, s, y),
                    fmnist_mlp.input_drive(params, x)[i:i + 1], labels[i:i + 1],
                    tuple(a[i:i + 1] for a in u_free))

@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cifar_conv  # pylint: disable=wrong-import-position
 import harness  # pylint: disable=wrong-import-position
 
 DEFAULT_CONFIGS = {'cifar_conv.py': 'configs/cifar10.py',
@@ -22,10 +23,10 @@ DEFAULT_CONFIGS = {'cifar_conv.py': 'configs/cifar10.py',
 
 if __name__ == '__main__':
   script = sys.argv.pop(1)
-  module = importlib.import_module(script[:-3])
+  module = importlib.import_module(script[:-3])  # imagenet32_conv adds its data set
   closed = socket.socket()  # held until the process ends: nobody else gets the port
   closed.bind(('127.0.0.1', 0))
-  for info in module.DATASETS.values():
+  for info in cifar_conv.DATASETS.values():
     if 'url' in info:
       info['url'] = f'http://127.0.0.1:{closed.getsockname()[1]}/unreachable.tar.gz'
   harness.tensorflow_installed = lambda: True

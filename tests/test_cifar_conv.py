@@ -56,6 +56,7 @@ def get_config():
   """A tiny configs/cifar10.py-style config."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.network = 'conv'
   c.image_size = 16
   c.in_channels = 2
   c.num_classes = 10
@@ -120,9 +121,9 @@ def one(tree, i):
   return tuple(a[i:i + 1] for a in tree)
 
 
-def conv_dense(params, x_drive, labels, u_free):
+def conv_dense(config, params, x_drive, labels, u_free):
   """(K, d, g) of every sample of the conv network (helpers.dense_all; traceable)."""
-  return dense_all(cc.activate, lambda s, x_drive: cc.drives(params, s, x_drive),
+  return dense_all(cc.activate, lambda s, x_drive: cc.drives(config, params, s, x_drive),
                    lambda s, y: cc.loss_grad_s(params, s, y), x_drive, labels, u_free)
 
 
@@ -153,10 +154,11 @@ def network(alpha=60.0, tied=False, layer_updates='synchronous', small=False):
     x_drive = cc.input_drive(params, x)
     u_free, res, _ = cc.free_relaxation(config, params, x_drive)
     relax = cc.nudged_relaxation(config, params, x_drive, labels, u_free)
-    field = common.tree_sub(cc.drives(params, cc.activate(u_free), x_drive), u_free)
+    field = common.tree_sub(cc.drives(config, params, cc.activate(u_free), x_drive), u_free)
     return (u_free, res, jnp.sqrt(common.per_sample_sq_norm(field)),
             common.exact_dbeta(relax), cc.rbp_error(config, params, x_drive, labels, u_free),
-            conv_dense(params, x_drive, labels, u_free) if layer_updates == 'synchronous' else None)
+            conv_dense(config, params, x_drive, labels, u_free)
+            if layer_updates == 'synchronous' else None)
   u_free, res, field, exact, delta, kdg = np_tree(solve(params, x))
   assert float(res) < -10, f'tiny network did not converge: log10 residual {float(res)}'
   assert np.max(field) < 1e-10  # a fixed point of the synchronous dynamics
@@ -190,7 +192,7 @@ def test_state_shapes_follow_app_d2_and_bad_sizes_raise():
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   u = cc.zeros_state(c, 2)
   out = jax.eval_shape(lambda p, x, u: (cc.input_drive(p, x),
-                                        cc.drives(p, cc.activate(u), cc.input_drive(p, x))),
+                                        cc.drives(c, p, cc.activate(u), cc.input_drive(p, x))),
                        params, x, u)
   assert out[0].shape == u[0].shape
   assert [g.shape for g in out[1]] == [a.shape for a in u]
@@ -326,15 +328,15 @@ def test_drives_are_holomorphic_and_tied_drives_are_an_energy_gradient():
   @JIT
   def run(params, tied_params, s, v):
     x_drive = cc.input_drive(params, x)
-    gc = cc.drives(params, tuple(a + 1j * eps * b for a, b in zip(s, v)),
+    gc = cc.drives(config, params, tuple(a + 1j * eps * b for a, b in zip(s, v)),
                    x_drive.astype(jnp.complex128))
-    g0, jv = jax.jvp(lambda z: cc.drives(params, z, x_drive), (s,), (v,))
+    g0, jv = jax.jvp(lambda z: cc.drives(config, params, z, x_drive), (s,), (v,))
     z = tuple(a + 0.3j * b for a, b in zip(s, v))
     vc = tuple(b.astype(jnp.complex128) for b in v)
-    g = lambda q: cc.drives(params, q, x_drive.astype(jnp.complex128))
+    g = lambda q: cc.drives(config, params, q, x_drive.astype(jnp.complex128))
     t1 = jax.jvp(g, (z,), (vc,))[1]
     t2 = jax.jvp(g, (z,), (tuple(1j * b for b in vc),))[1]
-    tied = cc.drives(tied_params, s, cc.input_drive(tied_params, x))
+    tied = cc.drives(config, tied_params, s, cc.input_drive(tied_params, x))
     return gc, g0, jv, t1, t2, tied, jax.grad(phi, argnums=1)(tied_params, s)
   gc, g0, jv, t1, t2, tied, energy_grad = run(params, tied_params, s, v)
   # The top-down VJP of a complex state must be the transpose, not the adjoint: the complex
@@ -376,6 +378,16 @@ def test_sequential_order_updates_odd_layers_then_even_layers_from_fresh_values(
   for a, b in zip(got, expected):
     np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
   assert np.abs(got[1] - half[1]).max() > 1e-3
+
+
+def test_t_counts_synchronous_steps_in_both_orders():
+  """T_free = 7: 7 synchronous steps, or ceil(7 / 2) = 4 red-black ones (as in the MLP)."""
+  config, params, x, _ = tiny(t_free=7)
+  steps = JIT(lambda p: [cc.free_relaxation(_with(config, layer_updates=order), p,
+                                            cc.input_drive(p, x))[2]
+                         for order in ('synchronous', 'sequential')])(params)
+  assert [np.asarray(a).tolist() for a in steps] == [[7] * BATCH, [4] * BATCH]
+  assert cc.steps_for(_with(config, layer_updates='sequential'), 8) == 4
 
 
 def test_update_orders_reach_the_same_fixed_point_and_the_same_dbeta():
@@ -459,7 +471,7 @@ def unrolled_free_loss_grads(config, params, x, labels, steps):
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     x_drive = cc.input_drive(p, x)
-    u, _ = jax.lax.scan(lambda u, _: (cc.drives(p, cc.activate(u), x_drive), None),
+    u, _ = jax.lax.scan(lambda u, _: (cc.drives(config, p, cc.activate(u), x_drive), None),
                         cc.zeros_state(config, BATCH), None, length=steps)
     return cc.readout_loss(p, cc.sigma(u[-1]), labels)[0]
   return jax.grad(loss)(params)
@@ -479,7 +491,7 @@ def test_gradients_of_exact_hep_and_rbp_equal_the_dense_and_implicit_references(
   @JIT
   def run(params, errors):
     s_free = cc.activate(u_free)
-    grads = jax.vmap(lambda e: conv_grads(params, x, s_free, e))(errors)
+    grads = jax.vmap(lambda e: conv_grads(config, params, x, s_free, e))(errors)
     return ([jax.tree_util.tree_map(lambda a: a[i], grads) for i in range(4)],
             unrolled_free_loss_grads(config, params, x, labels, 120))
   errors = jax.tree_util.tree_map(lambda *a: np.stack(a), exact, dense_dbeta, delta,
@@ -497,7 +509,7 @@ def test_gradients_of_exact_hep_and_rbp_equal_the_dense_and_implicit_references(
 
 def test_tied_exact_hep_gradient_is_the_true_gradient():
   config, params, x, labels, u_free, exact, _, _ = network(tied=True, small=True)
-  hep, true = np_tree(JIT(lambda p: (conv_grads(p, x, cc.activate(u_free), exact),
+  hep, true = np_tree(JIT(lambda p: (conv_grads(config, p, x, cc.activate(u_free), exact),
                                      unrolled_free_loss_grads(config, p, x, labels, 120)))(
                                          params))
   assert hep['backward'] == [] and len(hep['forward']) == 2
@@ -509,11 +521,11 @@ def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
   config, params, x, labels, u_free, _, delta, _ = network(small=True)
   config = _with(config, layer_updates=layer_updates)  # same fixed point for both orders
 
-  def unrolled(p):  # T_nudge = 3 steps by hand, from the free fixed point
+  def unrolled(p):  # T_nudge = 3 (synchronous) steps by hand, from the free fixed point
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
     step = cc.make_step(config, p, cc.input_drive(p, x))
     u = u_free
-    for _ in range(3):
+    for _ in range(cc.steps_for(config, 3)):  # 3, or 2 sequential ones
       u = step(u)
     return cc.readout_loss(p, cc.sigma(u[-1]), labels)[0]
 
@@ -521,7 +533,7 @@ def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
   def run(p):
     return (cc.bptt_grads(_with(config, t_nudge=3), p, x, labels, u_free),
             jax.grad(unrolled)(p), cc.bptt_grads(config, p, x, labels, u_free),
-            conv_grads(p, x, cc.activate(u_free), delta))
+            conv_grads(config, p, x, cc.activate(u_free), delta))
   short, by_hand, long, rbp = np_tree(run(params))
   assert_trees_close(short, by_hand, 1e-12)
   assert_trees_close(network_part(long), network_part(rbp), 1e-8)
@@ -543,10 +555,10 @@ def test_homeostatic_estimator_and_its_gradient_match_the_dense_jacobian():
     def exact_loss(p):  # mean over samples of (||J||^2 - tr J^2) / n, dense J = dF/ds
       x_drive = cc.input_drive(p, x)
       def per_sample(i):
-        field = lambda z: common.tree_sub(cc.drives(p, z, x_drive[i:i + 1]), z)
+        field = lambda z: common.tree_sub(cc.drives(config, p, z, x_drive[i:i + 1]), z)
         return common.homeostatic_loss_exact(common.flat_jacobian(field, one(s, i)))
       return sum(per_sample(i) for i in range(BATCH)) / BATCH
-    k = conv_dense(params, x_drive, labels, u_free)[0][0]
+    k = conv_dense(config, params, x_drive, labels, u_free)[0][0]
     return (noise, res, k, jax.value_and_grad(exact_loss)(params),
             cc.homeostatic_grads(config, params, x, s, noise))
   noise, res, k, (exact, exact_grad), (value, grads) = np_tree(run(params))
@@ -579,9 +591,9 @@ def test_symmetry_estimate_matches_the_dense_measure():
 
   @JIT
   def run(untied_params, tied_params):
-    return [cc.symmetry_estimate(p, cc.activate(u), cc.input_drive(p, x),
+    return [cc.symmetry_estimate(config, p, cc.activate(u), cc.input_drive(p, x),
                                  jax.random.PRNGKey(0), 400)
-            for (_, _, x, _, u, *_), p in ((untied, untied_params), (tied, tied_params))]
+            for (config, _, x, _, u, *_), p in ((untied, untied_params), (tied, tied_params))]
   estimates = run(untied[1], tied[1])
   for net, estimate in zip((untied, tied), estimates):
     expected = [float(common.symmetry_measure(k - np.eye(len(k)))) for k, _, _ in net[-1]]
@@ -620,9 +632,9 @@ def test_compute_grads_assembles_every_algorithm():
     # random direction of the parameters (forward mode: independent of the reverse pass).
     noise = cc.homeostatic_noise(configs['hep_exact'], key, ids)
     homeo_loss = lambda p: common.homeostatic_loss(
-        lambda z, xd: cc.drives(p, z, xd), s_free, cc.input_drive(p, x), noise)
+        lambda z, xd: cc.drives(config, p, z, xd), s_free, cc.input_drive(p, x), noise)
     references = dict(
-        exact=jax.tree_util.tree_map(jnp.add, conv_grads(params, x, s_free, exact),
+        exact=jax.tree_util.tree_map(jnp.add, conv_grads(config, params, x, s_free, exact),
                                      readout),
         homeo=jax.jvp(homeo_loss, (params,), (direction,)),
         readout_metrics=cc.readout_loss(params, s_free[-1], labels))
@@ -724,7 +736,12 @@ def test_tfds_load_shapes(mock_tfds, dataset):
     np.testing.assert_array_equal(bx, x[[5, 0, 5]])
     np.testing.assert_array_equal(by, y[[5, 0, 5]])
   assert cc.DATASETS[dataset]['num_classes'] == {'cifar10': 10, 'cifar100': 100}[dataset]
-  assert (data.mean, data.std) == (cc.DATASETS[dataset]['mean'], cc.DATASETS[dataset]['std'])
+  # The train step's input: per-channel (x / 255 - mean) / std with the data set's constants.
+  info = cc.DATASETS[dataset]
+  np.testing.assert_allclose(
+      cc.preprocess(data_config(dataset=dataset), data.train.images[:2]),
+      (data.train.images[:2] / 255 - np.array(info['mean'])) / np.array(info['std']),
+      rtol=1e-5, atol=1e-6)
 
 
 def test_subset_sizes(mock_tfds):
@@ -786,8 +803,7 @@ def test_fashion_mnist_32(fmnist_dir):
   x, y = data.train.images, data.train.labels
   assert x.shape == (12, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int32
   assert data.test.images.shape == (7, 32, 32, 3) and len(data.test) == 7
-  assert (data.mean, data.std) == (cc.DATASETS['fashion_mnist']['mean'],
-                                   cc.DATASETS['fashion_mnist']['std'])
+  assert cc.DATASETS['fashion_mnist']['std'] == (1.5 * 0.3530,) * 3  # its own constants
   np.testing.assert_array_equal(x[:, 2:30, 2:30, 1], raw)
   assert (x[..., 0] == x[..., 2]).all() and (x[..., 0] == x[..., 1]).all()
   border = np.ones((32, 32), bool)
@@ -923,7 +939,7 @@ def test_epoch_batches():
   """An epoch of a MemorySplit as the train loop reads it (one process)."""
   x = np.arange(103 * 4, dtype=np.uint8).reshape(103, 2, 2, 1)
   y = np.arange(103, dtype=np.int32)
-  split = cc.MemorySplit(x, y)
+  split = harness.MemorySplit(x, y)
   epoch = lambda e, threads=1: list(harness.read_batches(
       split, harness.process_batch_indices(len(split), 10, seed=0, epoch=e), threads))
   batches = epoch(1)

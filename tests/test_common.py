@@ -28,7 +28,7 @@ def test_relaxation_reaches_a_fixed_point_and_matches_a_python_loop(layer_update
   config, params, x, _ = tiny_mlp(layer_updates=layer_updates)
   x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
-  field = common.tree_sub(m.drives(params, m.activate(u_free), x_drive), u_free)
+  field = common.tree_sub(m.drives(config, params, m.activate(u_free), x_drive), u_free)
   assert np.max(np.sqrt(common.per_sample_sq_norm(field))) < 1e-10
 
   step = m.make_step(config, params, x_drive)
@@ -236,7 +236,7 @@ def _unrolled_loss_grads(config, params, x, labels, steps):
   (A loop of fixed length: reverse mode differentiates every step, as unrolled.)"""
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
-    step = lambda u: m.drives(p, m.activate(u), m.input_drive(p, x))
+    step = lambda u: m.drives(config, p, m.activate(u), m.input_drive(p, x))
     u = jax.lax.fori_loop(0, steps, lambda _, u: step(u), m.zeros_state(config, BATCH))
     return m.readout_loss(p, m.sigma(u[-1]), labels)[0]
   return jax.jit(jax.grad(loss))(params)
@@ -247,13 +247,13 @@ def test_rbp_gradient_equals_the_implicit_function_gradient():
   x_drive = m.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
   delta = m.rbp_error(config, params, x_drive, labels, u_free)
-  rbp = mlp_grads(params, x, m.activate(u_free), delta)
+  rbp = mlp_grads(config, params, x, m.activate(u_free), delta)
   # Reference 1: Eq. 4 with a dense solve per sample, through the same parameter VJP.
   dense_delta = [mlp_dense(config, params, x, labels, u_free, i) for i in range(BATCH)]
   dense_delta = np.stack([rbp_delta_dense(*q) for q in dense_delta])
   splits = np.cumsum(config.hidden_sizes)
   dense_delta = tuple(jnp.asarray(a) for a in np.split(dense_delta, splits, axis=1))
-  assert_trees_close(rbp, mlp_grads(params, x, m.activate(u_free), dense_delta), 1e-9)
+  assert_trees_close(rbp, mlp_grads(config, params, x, m.activate(u_free), dense_delta), 1e-9)
   # Reference 2: reverse-mode autodiff through 600 unrolled steps of the dynamics.
   unrolled = _unrolled_loss_grads(config, params, x, labels, 600)
   assert_trees_close({k: rbp[k] for k in ('forward', 'backward')},
@@ -266,7 +266,7 @@ def test_hep_gradient_differs_from_the_true_one_only_through_asymmetry():
     x_drive = m.input_drive(p, x)
     u_free = free_fixed_point(config, p, x)
     exact = common.exact_dbeta(m.nudged_relaxation(config, p, x_drive, labels, u_free))
-    hep = mlp_grads(p, x, m.activate(u_free), exact)
+    hep = mlp_grads(config, p, x, m.activate(u_free), exact)
     true = _unrolled_loss_grads(config, p, x, labels, 600)
     hep_w, true_w = hep['forward'][0]['w'], true['forward'][0]['w']
     close = np.allclose(hep_w, true_w, rtol=1e-8, atol=1e-10 * np.abs(true_w).max())
@@ -293,12 +293,12 @@ def test_bptt_equals_autodiff_and_converges_to_rbp(layer_updates):
   if layer_updates == 'synchronous':  # BPTT over T steps from u* = RBP with T iterations
     delta = m.rbp_error(config, params, x_drive, labels, u_free)
     assert_trees_close({k: short[k] for k in ('forward', 'backward')},
-                       {k: mlp_grads(params, x, m.activate(u_free), delta)[k]
+                       {k: mlp_grads(config, params, x, m.activate(u_free), delta)[k]
                         for k in ('forward', 'backward')}, 1e-9)
   config.t_nudge = 400
   long = m.bptt_grads(config, params, x, labels, u_free)
   delta = m.rbp_error(config, params, x_drive, labels, u_free)
-  rbp = mlp_grads(params, x, m.activate(u_free), delta)
+  rbp = mlp_grads(config, params, x, m.activate(u_free), delta)
   assert_trees_close({k: long[k] for k in ('forward', 'backward')},
                      {k: rbp[k] for k in ('forward', 'backward')}, 1e-8)
 
@@ -326,7 +326,7 @@ def test_homeostatic_estimator_is_unbiased_for_the_exact_asymmetry():
       2 * float(jnp.sum(a ** 2)) / len(k), rel=1e-12)
   config.homeo_draws = 4000
   noise = m.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
-  estimate = float(common.homeostatic_loss(lambda z, xd: m.drives(params, z, xd), s, x_drive,
+  estimate = float(common.homeostatic_loss(lambda z, xd: m.drives(config, params, z, xd), s, x_drive,
                                             noise))
   assert estimate == pytest.approx(exact, rel=0.05)
   assert exact > 1e-3
@@ -436,12 +436,12 @@ def test_hold_end_estimate_is_d_beta_s_star_for_a_small_nudge():
   config, params, x, labels, u_free, _, estimate = _hold_end_setup('synchronous')
   relax = m.nudged_relaxation(config, params, m.input_drive(params, x), labels, u_free)
   exact = common.exact_dbeta(relax)
-  true_grads = mlp_grads(params, x, m.activate(u_free), exact)
+  true_grads = mlp_grads(config, params, x, m.activate(u_free), exact)
   for n in (2, 4):
     u_bar, e_bar = estimate(1e-3, n)
     assert _rel(e_bar, exact) < 1e-5, (n, _rel(e_bar, exact))
     # What the training scripts do with it: the VJP of the drive at sigma(u_bar).
-    grads = mlp_grads(params, x, m.activate(u_bar), e_bar)
+    grads = mlp_grads(config, params, x, m.activate(u_bar), e_bar)
     assert _rel(grads, true_grads) < 1e-5, (n, _rel(grads, true_grads))
   with pytest.raises(ValueError, match='N >= 2'):
     common.hold_end_estimate(None, u_free, m.activate, 0.5, 1, 10, 1)

@@ -192,7 +192,7 @@ def test_a_checkpoint_of_another_network_is_a_one_line_error(tmp_path):
   net = mlp_config.get_config()
   net.hidden_sizes = (8,)
   params = m.init_params(jax.random.PRNGKey(0), net)
-  state = (params, m.make_optimizer(net).init(params))
+  state = (params, m.make_optimizer(net, None).init(params))
   net.hidden_sizes = (8, 8)  # the recorded config does not match the arrays
   save_checkpoint(str(tmp_path), net, 1, jax.device_get(state))
   config = fig2_config.get_config()
@@ -234,7 +234,7 @@ def test_smoke_run_writes_every_output(tmp_path):
   run_dir.mkdir()
   net = fig2_bias.network_config(fig2_config.get_config(), (8, 8), alpha=45.0)
   params = m.init_params(jax.random.PRNGKey(1), net)
-  state = jax.device_get((params, m.make_optimizer(net).init(params)))
+  state = jax.device_get((params, m.make_optimizer(net, None).init(params)))
   save_checkpoint(str(run_dir), net, 3,  # float32, as training runs write it
                   jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), state))
   workdir = tmp_path / 'out'

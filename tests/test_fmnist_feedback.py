@@ -22,8 +22,9 @@ from helpers import (BATCH, MLP_SMALL_ARGS, TWO_DEVICES, assert_trees_close, dbe
                      without_count)
 import helpers
 
-NET = fmnist_feedback.FEEDBACK  # fmnist_mlp's functions run on it where they take `net`
-feedback_grads = without_count(mlp.network_grads, net=NET)  # its gradient (without the count)
+# fmnist_mlp's functions run this network where the config names it (network='feedback').
+assert 'feedback' in mlp.NETWORKS and fmnist_feedback.SCRIPT == 'fmnist_feedback.py'
+feedback_grads = without_count(mlp.network_grads)  # its gradient (without the count)
 
 
 def tiny_net(scale=0.6, seed=0, hidden=(6, 5), layer_updates='synchronous', t_free=400,
@@ -48,14 +49,14 @@ def tiny_net(scale=0.6, seed=0, hidden=(6, 5), layer_updates='synchronous', t_fr
   return config, params, x, jnp.arange(BATCH) % 10
 
 
-def free_fixed_point(config, params, x):
-  return helpers.free_fixed_point(config, params, x, net=NET)
+free_fixed_point = helpers.free_fixed_point
+CONFIG = feedback_config.get_config()  # the network's name, for the functions below
 
 
 @jax.jit
 def feedback_dense(params, x, labels, u_free):
   """(K, d, g) of every sample of the feedback network (helpers.dense_all, batched)."""
-  return dense_all(mlp.activate, lambda s, x_drive: mlp.drives(params, s, x_drive, net=NET),
+  return dense_all(mlp.activate, lambda s, x_drive: mlp.drives(CONFIG, params, s, x_drive),
                    lambda s, y: mlp.loss_grad_s(params, s, y), mlp.input_drive(params, x),
                    labels, u_free)
 
@@ -111,7 +112,7 @@ def test_the_jacobian_has_no_reciprocal_entry_and_homeostasis_is_the_loop_weight
   def estimate(p):
     noise = mlp.homeostatic_noise(config, jax.random.PRNGKey(3), jnp.arange(BATCH))
     x_drive = mlp.input_drive(p, x)
-    return common.homeostatic_loss(lambda s, xd: mlp.drives(p, s, xd, net=NET),
+    return common.homeostatic_loss(lambda s, xd: mlp.drives(config, p, s, xd),
                                    mlp.activate(u_free), x_drive, noise)
   assert float(estimate(params)) == pytest.approx(norm2 / n, rel=0.05)
 
@@ -124,9 +125,9 @@ def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly
   config, params, x, _ = tiny_net(scale=2.0, hidden=hidden)  # slow: far from converged
   cycle = len(hidden) + 1
   x_drive = mlp.input_drive(params, x)
-  sync = mlp.make_step(config, params, x_drive, net=NET)
+  sync = mlp.make_step(config, params, x_drive)
   config.layer_updates = 'sequential'
-  seq = mlp.make_step(config, params, x_drive, net=NET)
+  seq = mlp.make_step(config, params, x_drive)
   sweeps = 6
   trajectory = [mlp.zeros_state(config, BATCH)]
   for _ in range(cycle * sweeps):
@@ -141,10 +142,10 @@ def test_sequential_updates_follow_one_chain_of_the_synchronous_dynamics_exactly
       # more than the tolerance above.
       assert np.abs(u[l] - trajectory[time - 1][l]).max() > 1e-6
   assert np.abs(trajectory[-1][0] - trajectory[-2][0]).max() > 1e-5  # not yet converged
-  assert mlp.steps_for(config, 150, net=NET) == -(-150 // cycle)  # ceil(T / C): 50 for Fig. 4e
-  assert mlp.steps_for(config, 20, net=NET) == -(-20 // cycle)
+  assert mlp.steps_for(config, 150) == -(-150 // cycle)  # ceil(T / C): 50 for Fig. 4e
+  assert mlp.steps_for(config, 20) == -(-20 // cycle)
   config.layer_updates = 'synchronous'
-  assert mlp.steps_for(config, 150, net=NET) == 150
+  assert mlp.steps_for(config, 150) == 150
 
 
 def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
@@ -154,9 +155,9 @@ def test_both_update_orders_reach_the_same_free_and_nudged_fixed_points():
   for order in ('synchronous', 'sequential'):
     config.layer_updates = order
     u_free = free_fixed_point(config, params, x)
-    field = common.tree_sub(mlp.drives(params, mlp.activate(u_free), x_drive, net=NET), u_free)
+    field = common.tree_sub(mlp.drives(config, params, mlp.activate(u_free), x_drive), u_free)
     assert np.max(np.sqrt(common.per_sample_sq_norm(field))) < 1e-10
-    relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
+    relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free)
     nudged = relax(jnp.asarray(0.3))
     states[order] = (flatten(mlp.activate(u_free)), flatten(nudged))
   for a, b in zip(states['synchronous'], states['sequential']):
@@ -172,7 +173,7 @@ def test_exact_dbeta_equals_the_dense_solve(layer_updates):
   config, params, x, labels = tiny_net(layer_updates=layer_updates)
   u_free = free_fixed_point(config, params, x)
   x_drive = mlp.input_drive(params, x)
-  relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET)
+  relax = mlp.nudged_relaxation(config, params, x_drive, labels, u_free)
   exact = common.exact_dbeta(relax)
   for i, (k, d, g) in enumerate(zip(*feedback_dense(params, x, labels, u_free))):
     reference = dbeta_s_dense(k, d, g)
@@ -185,7 +186,7 @@ def _unrolled_loss_grads(config, params, x, labels, steps):
   of the drives, no common.py): at convergence, the implicit-function gradient."""
   def loss(p):
     p = {**p, 'readout': jax.lax.stop_gradient(p['readout'])}
-    step = lambda _, u: mlp.drives(p, mlp.activate(u), mlp.input_drive(p, x), net=NET)
+    step = lambda _, u: mlp.drives(config, p, mlp.activate(u), mlp.input_drive(p, x))
     u = jax.lax.fori_loop(0, steps, step, mlp.zeros_state(config, BATCH))
     return mlp.readout_loss(p, mlp.sigma(u[-1]), labels)[0]
   return jax.jit(jax.grad(loss))(params)
@@ -196,9 +197,9 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
   x_drive = mlp.input_drive(params, x)
   u_free = free_fixed_point(config, params, x)
   s_free = mlp.activate(u_free)
-  delta = mlp.rbp_error(config, params, x_drive, labels, u_free, net=NET)
+  delta = mlp.rbp_error(config, params, x_drive, labels, u_free)
   exact = common.exact_dbeta(
-      mlp.nudged_relaxation(config, params, x_drive, labels, u_free, net=NET))
+      mlp.nudged_relaxation(config, params, x_drive, labels, u_free))
   dense_delta = []
   for i, (k, d, g) in enumerate(zip(*feedback_dense(params, x, labels, u_free))):
     dense_delta.append(rbp_delta_dense(k, d, g))
@@ -211,8 +212,8 @@ def test_rbp_gradient_is_the_implicit_gradient_and_hep_obeys_eq_10():
     # ... and without any reciprocal weight the two error vectors really differ.
     assert np.linalg.norm(sample(exact, i) - dense_delta[-1]) > 0.2 * np.linalg.norm(
         dense_delta[-1])
-  rbp = feedback_grads(params, x, s_free, delta)
-  assert_trees_close(rbp, feedback_grads(params, x, s_free, stack_layers(config, dense_delta)),
+  rbp = feedback_grads(config, params, x, s_free, delta)
+  assert_trees_close(rbp, feedback_grads(config, params, x, s_free, stack_layers(config, dense_delta)),
                      1e-9)
   unrolled = _unrolled_loss_grads(config, params, x, labels, 600)
   assert_trees_close(network_only(rbp), network_only(unrolled), 1e-8)
@@ -224,9 +225,9 @@ def test_every_algorithm_gives_its_reference_gradient():
   u_free = free_fixed_point(config, params, x)
   s_free = mlp.activate(u_free)
   vectors = feedback_dense(params, x, labels, u_free)
-  true = feedback_grads(params, x, s_free, stack_layers(
+  true = feedback_grads(config, params, x, s_free, stack_layers(
       config, jax.vmap(rbp_delta_dense)(*vectors)))
-  hep = feedback_grads(params, x, s_free, stack_layers(
+  hep = feedback_grads(config, params, x, s_free, stack_layers(
       config, jax.vmap(dbeta_s_dense)(*vectors)))
   readout = jax.grad(lambda p: mlp.readout_loss(p, s_free[-1], labels)[0])(params)['readout']
 
@@ -235,7 +236,7 @@ def test_every_algorithm_gives_its_reference_gradient():
     c.update(overrides)
     c.homeo_coef = 0.0
     g, metrics = jax.jit(lambda p: mlp.compute_grads(c, p, x, labels, jax.random.PRNGKey(0),
-                                                     jnp.arange(BATCH), net=NET))(params)
+                                                     jnp.arange(BATCH)))(params)
     assert np.isfinite(float(metrics['loss']))
     return g
 
@@ -273,20 +274,20 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
   @jax.jit
   def measure(p):
     x_drive = mlp.input_drive(p, x)
-    u, _, _ = mlp.free_relaxation(config, p, x_drive, net=NET)
-    exact = common.exact_dbeta(mlp.nudged_relaxation(config, p, x_drive, labels, u, net=NET))
-    delta = mlp.rbp_error(config, p, x_drive, labels, u, net=NET)
+    u, _, _ = mlp.free_relaxation(config, p, x_drive)
+    exact = common.exact_dbeta(mlp.nudged_relaxation(config, p, x_drive, labels, u))
+    delta = mlp.rbp_error(config, p, x_drive, labels, u)
     s0 = tuple(a[:1] for a in mlp.activate(u))
-    field = lambda z: common.tree_sub(mlp.drives(p, z, x_drive[:1], net=NET), z)
+    field = lambda z: common.tree_sub(mlp.drives(config, p, z, x_drive[:1]), z)
     jac = common.flat_jacobian(field, s0)
     return common.symmetry_measure(jac), jnp.mean(common.per_sample_cosine(exact, delta))
 
   @jax.jit
   def descend(p, t):
-    u, _, _ = mlp.free_relaxation(config, p, mlp.input_drive(p, x), net=NET)
+    u, _, _ = mlp.free_relaxation(config, p, mlp.input_drive(p, x))
     noise = mlp.homeostatic_noise(config, jax.random.fold_in(jax.random.PRNGKey(1), t),
                                   jnp.arange(BATCH))
-    _, g = mlp.homeostatic_grads(config, p, x, mlp.activate(u), noise, net=NET)
+    _, g = mlp.homeostatic_grads(config, p, x, mlp.activate(u), noise)
     return jax.tree_util.tree_map(lambda a, b: a - 0.05 * b, p, g), g
 
   sym_before, cos_before = measure(params)
@@ -308,8 +309,8 @@ def test_homeostatic_descent_raises_the_symmetry_and_the_alignment_with_rbp():
 def test_bad_config_is_a_one_line_error(overrides, message):
   config = feedback_config.get_config()
   config.update(overrides)
-  with pytest.raises(fmnist_feedback.ConfigError, match=message) as error:
-    fmnist_feedback.check_config(config, num_local_devices=2)
+  with pytest.raises(mlp.ConfigError, match=message) as error:
+    mlp.check_config(config, num_local_devices=2)
   assert '\n' not in str(error.value)
 
 

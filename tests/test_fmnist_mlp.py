@@ -57,24 +57,24 @@ def test_idx_files_are_read_exactly(idx_dir):
   config = mlp_config.get_config()
   config.data_dir = idx_dir
   data = fmnist_mlp.load_data(config)
-  assert data['train'][0].shape == (200, 784) and data['train'][0].dtype == np.uint8
-  assert data['test'][0].shape == (100, 784) and data['test'][1].shape == (100,)
+  assert data.train.images.shape == (200, 784) and data.train.images.dtype == np.uint8
+  assert data.test.images.shape == (100, 784) and data.test.labels.shape == (100,)
   with gzip.open(os.path.join(idx_dir, 'train-labels-idx1-ubyte.gz')) as f:
     raw = np.frombuffer(f.read()[8:], np.uint8)
-  np.testing.assert_array_equal(data['train'][1], raw)
+  np.testing.assert_array_equal(data.train.labels, raw)
 
 
 def test_debian_fashion_mnist_is_found_automatically():
   data = fmnist_mlp.load_data(mlp_config.get_config())
-  assert data['train'][0].shape == (60000, 784) and data['test'][0].shape == (10000, 784)
-  assert set(np.unique(data['train'][1])) == set(range(10))
-  assert data['train'][0].max() == 255
+  assert data.train.images.shape == (60000, 784) and data.test.images.shape == (10000, 784)
+  assert set(np.unique(data.train.labels)) == set(range(10))
+  assert data.train.images.max() == 255
 
 
 def test_tfds_loading_code_runs_on_mock_data():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    data = fmnist_mlp.load_tfds('')
+    data = fmnist_mlp.read_prepared_tfds('')
   assert data['train'][0].shape == (12, 784) and data['train'][0].dtype == np.uint8
   assert data['test'][1].shape == (12,)
 
@@ -120,7 +120,7 @@ def test_every_bad_field_is_a_one_line_error(name, overrides, message):
   module, config = module_and_config(name)
   config.update(overrides)
   with pytest.raises(module.ConfigError, match=message) as error:
-    module.check_config(config, num_local_devices=2)
+    fmnist_mlp.check_config(config, num_local_devices=2)
   assert '\n' not in str(error.value)
 
 
@@ -128,7 +128,7 @@ def test_every_bad_field_is_a_one_line_error(name, overrides, message):
 def test_the_default_config_passes_and_both_share_the_update_order_name(name):
   module, config = module_and_config(name)
   before = config.to_json()
-  assert module.check_config(config, num_local_devices=1) == 1
+  assert fmnist_mlp.check_config(config, num_local_devices=1) == 1
   assert config.layer_updates == 'sequential' and config.to_json() == before
 
 
@@ -178,7 +178,7 @@ def a_run_with_one_checkpoint(module, config, workdir):
   run = harness.Workdir(workdir, config, fmnist_mlp.RESUMABLE_FIELDS)
   run.start()
   params = module.init_params(jax.random.PRNGKey(0), config)
-  state = (params, fmnist_mlp.make_optimizer(config).init(params))
+  state = (params, fmnist_mlp.make_optimizer(config, None).init(params))
   run.save(1, {'epoch': 1, 'train_loss': 2.3}, jax.device_get(state))
   return run
 
@@ -312,13 +312,13 @@ def test_a_non_finite_sample_is_dropped_from_the_gradient_and_counted():
   error = m.rbp_error(config, params, m.input_drive(params, x), labels, u_free)
   poisoned = tuple(e.at[1].set(np.nan if l else np.inf) for l, e in enumerate(error))
   zeroed = tuple(e.at[1].set(0.0) for e in error)
-  grads, dropped = m.network_grads(params, x, s_free, poisoned)
-  expected, none = m.network_grads(params, x, s_free, zeroed)
+  grads, dropped = m.network_grads(config, params, x, s_free, poisoned)
+  expected, none = m.network_grads(config, params, x, s_free, zeroed)
   assert int(dropped) == 1 and int(none) == 0
   for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
     assert np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)
-  full, _ = m.network_grads(params, x, s_free, error)
+  full, _ = m.network_grads(config, params, x, s_free, error)
   assert not np.allclose(full['forward'][1]['w'], grads['forward'][1]['w'])
   assert BATCH > 2  # the other samples still count
 

@@ -474,13 +474,8 @@ for name, module, config, images, size in (
                   num_devices=devices)
     assert module.check_config(config, 2) == devices
     params = module.init_params(jax.random.PRNGKey(0), config)
-    if name == 'mlp':
-      optimizer = module.make_optimizer(config)
-      step = module.make_train_step(config, optimizer)
-    else:
-      optimizer = module.make_optimizer(config, 100)
-      info = module.DATASETS['cifar10']
-      step = module.make_train_step(config, optimizer, (info['mean'], info['std']))
+    optimizer = module.make_optimizer(config, 100)  # the same interface in both scripts
+    step = module.make_train_step(config, optimizer)
     state = harness.replicate((params, optimizer.init(params)), devices)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (devices, 4 // devices, *images), dtype=np.uint8)

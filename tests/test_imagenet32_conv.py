@@ -26,7 +26,7 @@ from helpers import ROOT, TEST_XLA_FLAGS, TWO_DEVICES, read_rows, run_script
 
 @pytest.mark.parametrize('overrides, message', [
     (dict(num_classes=10), 'num_classes=10 but imagenet32 has 1000 classes'),
-    (dict(dataset='cifar10'), 'unknown dataset'),
+    (dict(dataset='imagenet64'), 'unknown dataset'),
     (dict(data_threads=0), 'data_threads must be >= 1'),
     (dict(train_size=2000000), 'train_size must be <= 1281167'),
     (dict(batch_size=254), 'not divisible by the 2 devices x 2 processes'),
@@ -35,8 +35,7 @@ def test_bad_config_is_a_one_line_error(overrides, message):
   config = imagenet32_config.get_config()
   config.update(overrides)
   with pytest.raises(harness.ConfigError, match=message) as error:
-    cifar_conv.check_config(config, num_local_devices=2, num_processes=2,
-                            datasets=imagenet32_conv.DATASETS)
+    cifar_conv.check_config(config, num_local_devices=2, num_processes=2)
   assert '\n' not in str(error.value)
 
 
@@ -70,7 +69,7 @@ def test_one_process_needs_no_flags_and_slurm_is_detected(monkeypatch):
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')
   assert harness.cluster_detected()
   config = imagenet32_config.get_config()
-  assert cifar_conv.check_config(config, 1, 1, imagenet32_conv.DATASETS) == 1
+  assert cifar_conv.check_config(config, 1, 1) == 1
   assert (config.homeo_coef, config.learning_rate, config.num_epochs) == (10.0, 5e-3, 90)
 
 
@@ -83,9 +82,9 @@ def test_the_imagenet_config_is_the_cifar10_one_but_for_the_data_set():
   differ = sorted(k for k in inet if inet[k] != ten[k])
   assert differ == ['data_threads', 'dataset', 'homeo_coef', 'learning_rate',
                     'log_every_steps', 'max_train_loss', 'num_classes', 'num_epochs']
-  # Passing cifar_conv's own data sets: imagenet32 is not one of them.
-  with pytest.raises(harness.ConfigError, match="unknown dataset 'imagenet32'"):
-    cifar_conv.check_config(inet, 1)
+  # imagenet32_conv.py adds its data set to cifar_conv's table; the rest is cifar_conv.py's.
+  assert cifar_conv.DATASETS['imagenet32']['load'] is imagenet32_conv.load_data
+  assert cifar_conv.DATASETS['imagenet32']['num_classes'] == 1000
 
 
 @pytest.mark.slow

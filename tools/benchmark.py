@@ -138,7 +138,7 @@ def worker(spec):
   images = rng.integers(0, 256, (batch, 784), dtype=np.uint8)
   labels = rng.integers(0, 10, batch).astype(np.int32)
   params = fmnist_mlp.init_params(jax.random.PRNGKey(0), config)
-  optimizer = fmnist_mlp.make_optimizer(config)
+  optimizer = fmnist_mlp.make_optimizer(config, None)
   opt_state = optimizer.init(params)
 
   per_device = lambda p, x, y: fmnist_mlp.compute_grads(
@@ -198,10 +198,7 @@ def conv_worker(spec):
 
   config = cifar10.get_config()
   config.update(spec['overrides'])
-  devices = cifar_conv.check_config(config, jax.local_device_count(),
-                                    datasets=cifar_conv.DATASETS)
-  data = cifar_conv.DATASETS[config.dataset]
-  stats = (data['mean'], data['std'])
+  devices = cifar_conv.check_config(config, jax.local_device_count())
   params = cifar_conv.init_params(jax.random.PRNGKey(0), config)
   optimizer = cifar_conv.make_optimizer(config, 1000)
   rng = np.random.default_rng(0)
@@ -209,7 +206,7 @@ def conv_worker(spec):
   images = rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, config.num_classes, b).astype(np.int32)
 
-  x = cifar_conv.normalize(images, *stats)
+  x = cifar_conv.preprocess(config, images)
   per_step = lambda p: cifar_conv.compute_grads(config, p, x, labels, jax.random.PRNGKey(0),
                                                 jnp.arange(b))
   train_flops = dot_flops(jax.make_jaxpr(per_step)(params).jaxpr, convs=True)
@@ -217,7 +214,7 @@ def conv_worker(spec):
   x_drive = jax.jit(cifar_conv.input_drive)(params, x)
   free_flops = dot_flops(jax.make_jaxpr(relax)(params, x_drive).jaxpr, convs=True) / config.t_free
 
-  step_fn = cifar_conv.make_train_step(config, optimizer, stats)
+  step_fn = cifar_conv.make_train_step(config, optimizer)
   state = harness.replicate((params, optimizer.init(params)), devices)
   xs, ys = (a.reshape(devices, -1, *a.shape[1:]) for a in (images, labels))
   t0 = time.perf_counter()

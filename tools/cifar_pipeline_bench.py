@@ -5,7 +5,7 @@ r"""Throughput of the CIFAR input pipeline alone (no network), in images per sec
 
 Stages, each over one epoch of `num_images` at `batch_size` (drop_remainder):
   host       harness.read_batches of harness.process_batch_indices: shuffled gather of
-             uint8 rows from the in-memory split (cifar_conv.MemorySplit), as the train loop
+             uint8 rows from the in-memory split (harness.MemorySplit), as the train loop
   prefetch   host + prefetch(jax.device_put) in a background thread
   pipeline   prefetch + the jitted on-device augment + normalize, waited for every batch
   device     the jitted augment + normalize alone, on a batch already on the device
@@ -68,7 +68,7 @@ def main(argv):
         f'{os.cpu_count()} CPUs', flush=True)
   key = jax.random.PRNGKey(0)
   info = pipeline.DATASETS[dataset]
-  split = pipeline.MemorySplit(*data)
+  split = harness.MemorySplit(*data)
 
   def epoch_batches(epoch):
     return harness.read_batches(

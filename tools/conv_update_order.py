@@ -55,7 +55,7 @@ def paper_config(**kw):
   c.image_size, c.in_channels, c.num_classes = 32, 3, 10
   c.channels = (128, 256, 512, 512)
   c.alpha, c.tied = 0.0, False
-  c.layer_updates = 'synchronous'
+  c.network, c.layer_updates = 'conv', 'synchronous'
   c.free_dtype = 'float32'
   c.t_free, c.t_nudge, c.tol = 250, 40, 0.0
   c.algorithm, c.n_points, c.beta = 'hep_exact', 0, 1.0
@@ -80,8 +80,8 @@ def scaled(params, scale):
           'backward': [dict(p, w=scale * p['w']) for p in params['backward']]}
 
 
-def field_norm(params, u, x_drive):
-  f = common.tree_sub(cc.drives(params, cc.activate(u), x_drive), u)
+def field_norm(config, params, u, x_drive):
+  f = common.tree_sub(cc.drives(config, params, cc.activate(u), x_drive), u)
   return jnp.log10(jnp.sqrt(jnp.max(common.per_sample_sq_norm(f))) + 1e-30)
 
 
@@ -89,7 +89,7 @@ def free_trajectory(config, params, x_drive, total, chunk):
   """[(steps, log10 last update, log10 field)] every `chunk` steps from zeros; final u."""
   step = cc.make_step(config, params, x_drive)
   advance = jax.jit(lambda u: common.fixed_point(step, u, chunk))
-  measure = jax.jit(lambda u: field_norm(params, u, x_drive))
+  measure = jax.jit(lambda u: field_norm(config, params, u, x_drive))
   u = cc.zeros_state(config, x_drive.shape[0], x_drive.dtype)
   rows = []
   for t in range(chunk, total + 1, chunk):
@@ -98,9 +98,15 @@ def free_trajectory(config, params, x_drive, total, chunk):
   return rows, u
 
 
+def synchronous_steps(config, steps):
+  """The T of a config that runs `steps` steps of its own order: this tool compares the
+  orders step for step, while a config's T counts synchronous steps (cc.steps_for)."""
+  return steps * len(cc.update_groups(config) or [None])
+
+
 def exact_dbeta(config, params, x_drive, labels, u_free, t_nudge):
   config = ml_collections.ConfigDict(config.to_dict())
-  config.t_nudge = t_nudge
+  config.t_nudge = synchronous_steps(config, t_nudge)
   return jax.jit(lambda u: common.exact_dbeta(
       cc.nudged_relaxation(config, params, x_drive, labels, u)))(u_free)
 
@@ -176,7 +182,7 @@ def part_trained(args):
   params = cc.init_params(jax.random.PRNGKey(0), config)
   params, _ = harness.restore_checkpoint(ckpt, (params, cc.make_optimizer(config, 1).init(params)))
   data = cc.load_data(config)
-  x = cc.normalize(jnp.asarray(data.test.images), data.mean, data.std)
+  x = cc.preprocess(config, jnp.asarray(data.test.images))
   labels = jnp.asarray(data.test.labels)
   print(f'\n== {args.workdir} after epoch {ckpt["epoch"]}: {config.algorithm}, tied '
         f'{config.tied}, lambda {config.homeo_coef:g}, {args.batch} test images ==', flush=True)
@@ -197,12 +203,13 @@ def tiny_net(seed=0, batch=3):
   return config, params, x, jnp.asarray((np.arange(batch) * 3) % 10)
 
 
-def dense_dbeta_s(params, x_drive, labels, u, i):
+def dense_dbeta_s(config, params, x_drive, labels, u, i):
   """d_beta s* = (I - D K)^{-1} D g of sample i by a dense solve, and the spectral radius of
   D K (K = dG/ds, D = diag sigma'(u*), g = dL/ds on the output layer)."""
   u_i = tuple(a[i:i + 1] for a in u)
   s_i = cc.activate(u_i)
-  k = np.asarray(common.flat_jacobian(lambda s: cc.drives(params, s, x_drive[i:i + 1]), s_i))
+  k = np.asarray(common.flat_jacobian(lambda s: cc.drives(config, params, s, x_drive[i:i + 1]),
+                                      s_i))
   ones = jax.tree_util.tree_map(jnp.ones_like, u_i)
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(a)) for a in tree])
   d = flat(jax.jvp(cc.activate, (u_i,), (ones,))[1])
@@ -223,7 +230,7 @@ def part_tiny(args):
     s = cc.activate(u)
     refs = []
     for i in range(x.shape[0]):
-      ref_i, rho = dense_dbeta_s(params, x_drive, labels, u, i)
+      ref_i, rho = dense_dbeta_s(config, params, x_drive, labels, u, i)
       refs.append(ref_i)
       print(f'  (sample {i}: spectral radius of DK {rho:.3f})')
     sizes = np.cumsum([math.prod(a.shape[1:]) for a in s])[:-1]
@@ -260,7 +267,7 @@ def part_timing(args):
   for order in ('synchronous', 'sequential'):
     c = with_order(config, order)
     for t, repeats in ((10, 0), (args.t_free, 0), (20, 2)):
-      c.t_free = t
+      c.t_free = synchronous_steps(c, t)
       compile_s, run_s = timed(lambda p, xd: cc.free_relaxation(c, p, xd), params, x_drive,
                                repeats=repeats)
       line = f'free relaxation {order:11s} batch {b} T {t:3d}: compile {compile_s:.1f} s'
@@ -270,7 +277,7 @@ def part_timing(args):
 
   # Everything is passed as an argument (closed-over arrays would be constant-folded).
   c = with_order(config, 'synchronous')
-  u_free, _ = jax.jit(lambda p, xd: cc.free_relaxation(c, p, xd))(params, x_drive)
+  u_free = jax.jit(lambda p, xd: cc.free_relaxation(c, p, xd))(params, x_drive)[0]
   s_free = cc.activate(u_free)
   noise = cc.homeostatic_noise(c, key, ids)
   parts = {
@@ -279,7 +286,7 @@ def part_timing(args):
           (params, x, labels, u_free)),
       f'homeostatic_grads ({c.homeo_draws} draws)': (lambda p, x, s, e: (
           cc.homeostatic_grads(c, p, x, s, e)), (params, x, s_free, noise)),
-      'network_grads': (lambda p, x, s: cc.network_grads(p, x, s, s), (params, x, s_free)),
+      'network_grads': (lambda p, x, s: cc.network_grads(c, p, x, s, s), (params, x, s_free)),
   }
   for name, (fn, fn_args) in parts.items():
     compile_s, run_s = timed(fn, *fn_args)

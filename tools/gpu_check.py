@@ -46,11 +46,10 @@ def base_config():
 
 def time_train_step(config, images, labels):
   """(compile s, median s per step) of cifar_conv's train step on one device."""
-  data = cifar_conv.DATASETS[config.dataset]
   optimizer = cifar_conv.make_optimizer(config, 1000)
   params = cifar_conv.init_params(jax.random.PRNGKey(0), config)
   state = harness.replicate((params, optimizer.init(params)), 1)
-  step_fn = cifar_conv.make_train_step(config, optimizer, (data['mean'], data['std']))
+  step_fn = cifar_conv.make_train_step(config, optimizer)
   xs, ys = images[None], labels[None]
   t0 = time.perf_counter()
   state = step_fn(*state, np.int32(0), xs, ys)[:2]
@@ -68,9 +67,8 @@ def time_train_step(config, images, labels):
 
 def gradient_cosines(config, images, labels):
   """Cosine between the gradients with the bfloat16 and the float32 free phase, one batch."""
-  data = cifar_conv.DATASETS[config.dataset]
   params = cifar_conv.init_params(jax.random.PRNGKey(0), config)
-  x = cifar_conv.normalize(images, data['mean'], data['std'])
+  x = cifar_conv.preprocess(config, images)
   key, ids = jax.random.PRNGKey(1), jnp.arange(images.shape[0])
   grads = {}
   for dtype in ('float32', 'bfloat16'):

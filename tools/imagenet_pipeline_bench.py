@@ -97,9 +97,8 @@ def main(argv):
         ' img/s')
   devices = jax.local_device_count()
   shard = lambda a: harness.shard(a, devices)
-  prep = jax.pmap(lambda key, x: cifar_conv.normalize(
-      cifar_conv.augment(key, x, jax.numpy.arange(x.shape[0])), data.mean, data.std),
-                  in_axes=(None, 0))
+  prep = jax.pmap(lambda key, x: cifar_conv.preprocess(
+      config, cifar_conv.augment(key, x, jax.numpy.arange(x.shape[0]))), in_axes=(None, 0))
   key = jax.random.PRNGKey(0)
   first = harness.read_batches(split, batches[:1], 1)
   jax.block_until_ready(prep(key, shard(next(first)[0])))  # compile

@@ -57,8 +57,8 @@ def load_params(checkpoint_dir):
   return trained['config'], trained['params'], trained['epoch']
 
 
-def flat_network_grads(params, x, s_free, error):
-  grads, _ = fmnist_mlp.network_grads(params, x, s_free, error)
+def flat_network_grads(config, params, x, s_free, error):
+  grads, _ = fmnist_mlp.network_grads(config, params, x, s_free, error)
   grads = {k: v for k, v in grads.items() if k != 'readout'}
   return jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(grads)])
 
@@ -71,7 +71,7 @@ def measure(config, params, x, labels, beta_abs):
   exact = common.exact_dbeta(relax)
   logits = fmnist_mlp.readout_logits(params, s_free[-1])
   correct = jnp.argmax(logits, -1) == labels
-  reference = flat_network_grads(params, x, s_free, exact)
+  reference = flat_network_grads(config, params, x, s_free, exact)
   estimates = {
       f'N = 1, beta = +{beta_abs:g} (training runs)': common.cauchy_estimate(
           relax, s_free, beta_abs, 1),
@@ -81,7 +81,7 @@ def measure(config, params, x, labels, beta_abs):
   }
   rows = {}
   for name, e in estimates.items():
-    g = flat_network_grads(params, x, s_free, e)
+    g = flat_network_grads(config, params, x, s_free, e)
     ratio = jnp.sqrt(common.per_sample_sq_norm(e) / common.per_sample_sq_norm(exact))
     rows[name] = {
         'grad_cosine': float(g @ reference / (jnp.linalg.norm(g) * jnp.linalg.norm(reference))),
@@ -123,10 +123,11 @@ def main(argv=None):
                  help='also compare T_nudge steps of both update orders with 400 steps')
   args = p.parse_args(argv)
   config, params, epoch = load_params(args.checkpoint_dir)
-  images, labels = fmnist_mlp.load_data(config)['train']
-  idx = np.sort(np.random.default_rng(args.seed).choice(len(images), args.batch_size,
+  train = fmnist_mlp.load_data(config).train
+  idx = np.sort(np.random.default_rng(args.seed).choice(len(train), args.batch_size,
                                                         replace=False))
-  x, y = jnp.asarray(images[idx], jnp.float32) / 255.0, jnp.asarray(labels[idx])
+  images, labels = train.read(idx)
+  x, y = jnp.asarray(images, jnp.float32) / 255.0, jnp.asarray(labels)
   where = args.checkpoint_dir or 'initialisation'
   print(f'# {where} (epoch {epoch}; trained with {config.algorithm}, N = {config.n_points}, '
         f'|beta| = {config.beta:g}), {args.batch_size} training images, seed {args.seed}')
