@@ -26,13 +26,15 @@ results/<group>/<name>.jsonl (the runs of sweep.plan()) and writes
 * <out_dir>/figures/fig4ad.png, fig4eh.png: Fig. 4-style panels, test error, Jacobian
   symmetry measure and per-layer cosine, with vs without homeostasis, mean over seeds and a
   +-1 standard-error band;
-* <out_dir>/figures/fig4il_mini.png: Fig. 4i-l-style panels for the convnet in miniature
-  (hEP exact with vs without homeostasis): test error, symmetry measure, weight angle and
-  cosine per layer, log10 ||F|| and the free steps actually run;
-* <out_dir>/figures/table2mini.png: the five rows of Table 2 in miniature, one colour each;
+* <out_dir>/figures/fig4il_mini.png, fig4il_long.png: Fig. 4i-l-style panels for the convnet
+  in miniature, 500 and 2,500 steps (hEP exact with vs without homeostasis): test error,
+  symmetry measure, weight angle and cosine per layer, log10 ||F|| and the free steps run;
+* <out_dir>/figures/table2mini.png, table2long.png: the five rows of Table 2 in miniature,
+  one colour each;
 * <out_dir>/fmnist_report.md: Table 1 (final-epoch test error of every cell, next to the
-  paper's values), the Fig. 4 final values, Table 2 in miniature beside the paper's CIFAR-10
-  column, and a list of every run with its status.
+  paper's values), the Fig. 4 final values (mean ± SE, as the paper's bands), Table 2 in
+  miniature beside the paper's CIFAR-10 column (mean ± std, as the paper's table), and a
+  list of every run with its status.
 
 Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
 they reached. A Table 1 cell with several seeds (`<name>_seed0`, `<name>_seed1`, ...) reports
@@ -323,27 +325,40 @@ def run_table(loaded, results_dir):
   return lines, missing
 
 
-def mean_se(values):
-  """'mean ± SE' over seeds ('value' for one seed; 'n/a' for none)."""
+def mean_spread(values, spread='se'):
+  """'mean ± SE' (spread='se') or 'mean ± std' ('std') over seeds ('value' for one seed;
+  'n/a' for none)."""
   values = [v for v in values if v is not None]
   if not values:
     return 'n/a'
   if len(values) == 1:
     return f'{values[0]:.3g}'
-  se = np.std(values, ddof=1) / math.sqrt(len(values))
-  se = 0.0 if se < 1e-9 * max(1.0, abs(np.mean(values))) else se  # float rounding of equals
-  return f'{np.mean(values):.3g} ± {se:.2g}'
+  sd = np.std(values, ddof=1) / (math.sqrt(len(values)) if spread == 'se' else 1.0)
+  sd = 0.0 if sd < 1e-9 * max(1.0, abs(np.mean(values))) else sd  # float rounding of equals
+  return f'{np.mean(values):.3g} ± {sd:.2g}'
+
+
+class Whole:
+  """A condition_table column computed from a run's every row (a text per run), not from
+  its last row's value."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, loaded_run):
+    return self.fn(loaded_run)
 
 
 def accuracy(row):
   return None if row.get('test_error') is None else 100.0 - row['test_error']
 
 
-def condition_table(loaded, group, conditions, columns, paper=None):
+def condition_table(loaded, group, conditions, columns, paper=None, spread='se'):
   """One markdown row per condition (run name without _seed<k>, label): its seeds and the
-  mean ± SE over them of each column's final-epoch value. A column is (header, metric name or
-  function of a row); a per-layer metric gives one mean per layer, joined by /. `paper`: the
-  paper's value per condition name, in a column after the label."""
+  mean ± SE (or ± std: spread='std') over them of each column's final-epoch value. A column
+  is (header, metric name or function of the runs' rows); a per-layer metric gives one mean
+  per layer, joined by /. `paper`: the paper's value per condition name, in a column after
+  the label."""
   head = ['condition'] + (['paper'] if paper else []) + ['seeds'] + [h for h, _ in columns]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   for name, label in conditions:
@@ -353,16 +368,18 @@ def condition_table(loaded, group, conditions, columns, paper=None):
       lines.append('| ' + ' | '.join(cells + ['0', 'missing'] + [''] * (len(columns) - 1))
                    + ' |')
       continue
-    last = [i.rows[-1] for i in items]
     epochs = ', '.join(map(str, sorted({i.epochs for i in items})))
     cells.append(f'{len(items)} (epochs reached: {epochs} of {items[0].wanted})')
     for _, key in columns:
+      if isinstance(key, Whole):  # of all its rows: a text for each run
+        cells.append('; '.join(key(i) for i in items))
+        continue
       value = key if callable(key) else lambda row, key=key: row.get(key)
-      values = [value(r) for r in last]
+      values = [value(i.rows[-1]) for i in items]
       layers = max((len(v) for v in values if isinstance(v, list)), default=0)
-      cells.append(' / '.join(mean_se([v[l] if isinstance(v, list) and l < len(v) else None
-                                       for v in values]) for l in range(layers))
-                   if layers else mean_se(values))
+      cells.append(' / '.join(mean_spread([v[l] if isinstance(v, list) and l < len(v) else None
+                                           for v in values], spread) for l in range(layers))
+                   if layers else mean_spread(values, spread))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
@@ -422,15 +439,25 @@ FIG4 = {
                'Fig. 4e-h: output -> layer 1 feedback loop, hEP exact, SGD 1e-2'),
 }
 
-# Table 2 in miniature (sweep group table2mini): the rows of Table 2's CIFAR-10 column, with
-# the paper's top-1 accuracy (%, mean ± std over 3 seeds, 150 epochs on CIFAR-10), copied
-# from the paper. Its "Sym." row is hEP N = 2, |beta| = 1 on the symmetric network of [7];
-# ours is the tied network trained with the exact d_beta s*.
+# Table 2 in miniature (sweep groups table2mini and table2long): the rows of Table 2's
+# CIFAR-10 column, with the paper's top-1 accuracy (%, mean ± std over 3 seeds, 150 epochs
+# on CIFAR-10), copied from the paper. Its "Sym." row is hEP N = 2, |beta| = 1 on the
+# symmetric network of [7]; ours is the tied network trained with the exact d_beta s*.
 TABLE2 = [('exact_homeo0', 'hEP exact d_beta s*, lambda = 0', '60.4 ± 0.4'),
           ('hep2_homeo15', 'hEP N = 2, \\|beta\\| = 1, lambda = 15', '81.4 ± 0.1'),
           ('exact_homeo15', 'hEP exact d_beta s*, lambda = 15', '84.3 ± 0.1'),
           ('bptt_homeo15', 'RBP (BP through T_nudge), lambda = 15', '87.8 ± 0.3'),
           ('tied_homeo0', 'tied (symmetric) network, hEP exact, lambda = 0', '88.6 ± 0.2')]
+
+
+def epochs_at_cap(item):
+  """The epochs in which some batch's free phase ran all of T_free steps (the run's cap), as
+  'none' or e.g. '2, 3, 4': there the free state may be short of its fixed point."""
+  cap = dict(item.run.overrides).get('t_free')
+  hit = [r['epoch'] for r in item.rows if cap and r.get('free_steps_max', 0) >= cap]
+  return ', '.join(map(str, hit)) if hit else 'none'
+
+
 TABLE2_COLUMNS = [('test accuracy %', accuracy), ('top-5 error %', 'test_top5_error'),
                   ('symmetry', 'diag/symmetry'),
                   ('cosine conv1 / conv2 / conv3 / dense', 'diag/cosine_exact'),
@@ -438,9 +465,40 @@ TABLE2_COLUMNS = [('test accuracy %', accuracy), ('top-5 error %', 'test_top5_er
                   ('log10 \\|\\|F\\|\\| of the worst sample, step mean / epoch max',
                    lambda r: [r.get('log10_residual'), r.get('log10_residual_max')]),
                   ('free steps, mean / max', lambda r: [r.get('free_steps'),
-                                                        r.get('free_steps_max')])]
-FIG4IL_TITLE = ('Fig. 4i-l in miniature: convnet (16/32/32/32) on Fashion-MNIST-32, hEP exact, '
-                'SGD 7e-3, 4,000 images')
+                                                        r.get('free_steps_max')]),
+                  ('epochs at the T_free cap, per seed', Whole(epochs_at_cap))]
+TABLE2_GROUPS = {  # group: (title, what the runs are, figure name of the lambda pair)
+    'table2mini': ('Table 2 and Fig. 4i-l in miniature (Fashion-MNIST-32)',
+                   '4,000 training and the first 2,000 test images, 4 epochs (500 steps)',
+                   'fig4il_mini'),
+    'table2long': ('Table 2 and Fig. 4i-l in miniature, 5x longer (Fashion-MNIST-32)',
+                   '20,000 training and the first 5,000 test images, 4 epochs (2,500 '
+                   'steps), T_free up to 250', 'fig4il_long'),
+}
+
+
+def table2_section(loaded, group, figures):
+  """Report lines of a Table 2 group (TABLE2_GROUPS): the table beside the paper's CIFAR-10
+  column, the lambda pair's Fig. 4i-l panels and all rows' panels (figures/<group>.png)."""
+  title, what, pair_figure = TABLE2_GROUPS[group]
+  pair = [(name, label) for name, label, _ in TABLE2 if name.startswith('exact_')][::-1]
+  drawn = fig4(loaded, group, pair, os.path.join(figures, f'{pair_figure}.png'),
+               f'Fig. 4i-l, {group}: convnet (16/32/32/32) on Fashion-MNIST-32, hEP exact',
+               CONV_PANELS)
+  rows = [(name, label) for name, label, _ in TABLE2]
+  drawn_all = fig4(loaded, group, rows, os.path.join(figures, f'{group}.png'),
+                   f'Table 2, {group}: its five rows', TABLE2_PANELS)
+  return [f'## {title}', '',
+          'The paper: CIFAR-10 top-1 accuracy (%, mean ± std over 3 seeds, 150 epochs of '
+          f'50,000 images, channels 128/256/512/512). Ours (`sweep.py`, {group}): {what}; '
+          'each column the final epoch\'s value, mean ± std over the seeds. The paper\'s '
+          '"Sym." row is hEP N = 2 on the symmetric network; ours is that network trained '
+          'with the exact d_beta s*.', '',
+          *condition_table(loaded, group, rows, TABLE2_COLUMNS, spread='std',
+                           paper={name: value for name, _, value in TABLE2}), '',
+          f'![{pair_figure}](figures/{pair_figure}.png)' if drawn else
+          f'(no {group} hEP exact run yet)', '',
+          f'![{group}](figures/{group}.png)' if drawn_all else '', '']
 
 
 # ---------------------------------------------------------------------------- any runs
@@ -713,23 +771,8 @@ def main(argv=None):
     report += [f'## {title}', '', f'![{group}](figures/{group}.png)' if drawn else
                f'(no {group} run yet)', '',
                *condition_table(loaded, group, conditions, MLP_COLUMNS), '']
-  pair = [(name, label) for name, label, _ in TABLE2 if name.startswith('exact_')][::-1]
-  drawn = fig4(loaded, 'table2mini', pair, os.path.join(figures, 'fig4il_mini.png'),
-               FIG4IL_TITLE, CONV_PANELS)
-  rows = [(name, label) for name, label, _ in TABLE2]
-  drawn_all = fig4(loaded, 'table2mini', rows, os.path.join(figures, 'table2mini.png'),
-                   'Table 2 in miniature: its five rows', TABLE2_PANELS)
-  report += ['## Table 2 and Fig. 4i-l in miniature (Fashion-MNIST-32)', '',
-             'The paper: CIFAR-10 top-1 accuracy (%, n = 3, 150 epochs of 50,000 images, '
-             'channels 128/256/512/512). Ours: test accuracy on the first 2,000 test images '
-             'of Fashion-MNIST padded to 32x32x3, after the epochs given, with the settings '
-             'of `sweep.py` (table2mini). The paper\'s "Sym." row is hEP N = 2 on the '
-             'symmetric network; ours is that network trained with the exact d_beta s*.', '',
-             *condition_table(loaded, 'table2mini', rows, TABLE2_COLUMNS,
-                              paper={name: value for name, _, value in TABLE2}), '',
-             '![fig4il_mini](figures/fig4il_mini.png)' if drawn else
-             '(no table2mini hEP exact run yet)', '',
-             '![table2mini](figures/table2mini.png)' if drawn_all else '', '']
+  for group in TABLE2_GROUPS:
+    report += table2_section(loaded, group, figures)
   report += ['## Short checks: update order, baselines, continuous-time averages', '',
              'Early epochs of runs that differ in one setting (seed 0 unless stated, the '
              'Table 1 settings otherwise).', '', *checks_table(loaded), '']

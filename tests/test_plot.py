@@ -23,8 +23,9 @@ def _write(path, epochs, seed=0, homeo=0.0, start=1, mlp=True):
     f.write('garbage line\n')
 
 
-def _write_conv(path, epochs, seed=0, homeo=0.0):
-  """Rows as cifar_conv.py writes them: four state layers, three kernel angles."""
+def _write_conv(path, epochs, seed=0, homeo=0.0, cap_from=None):
+  """Rows as cifar_conv.py writes them: four state layers, three kernel angles; from epoch
+  cap_from on some batch's free phase ran 250 steps (table2long's T_free)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
     for e in range(1, epochs + 1):
@@ -34,7 +35,8 @@ def _write_conv(path, epochs, seed=0, homeo=0.0):
           'diag/cosine_exact': [0.8, 0.85, 0.9 + seed / 100, 1.0],
           'diag/weight_angle': [1.0, 2.0, 3.0 * e], 'log10_residual': -5.0 - e / 10,
           'log10_residual_max': -4.5,
-          'free_steps': 19.0 + e, 'free_steps_max': 40 + e}) + '\n')
+          'free_steps': 19.0 + e,
+          'free_steps_max': 250 if cap_from and e >= cap_from else 40 + e}) + '\n')
 
 
 def test_report_and_figures_from_fake_results(tmp_path):
@@ -64,12 +66,15 @@ def test_report_and_figures_from_fake_results(tmp_path):
   _write_conv(path('table2mini/exact_homeo0_seed1'), 2, seed=1)
   _write_conv(path('table2mini/bptt_homeo15_seed0'), 4, homeo=15.0)
   _write_conv(path('table2mini/tied_homeo0_seed0'), 4)
+  _write_conv(path('table2long/exact_homeo0_seed0'), 4)
+  _write_conv(path('table2long/tied_homeo0_seed0'), 4, cap_from=3)
   # The short checks: 2 epochs of the synchronous update.
   _write(path('fmnist_checks/synchronous_hep2_seed0'), 2, seed=3)
 
   assert plot.main(['--results_dir', results]) == 0
   report = open(os.path.join(results, 'fmnist_report.md')).read()
-  for name in ('fig3', 'fig4ad', 'fig4eh', 'fig4il_mini', 'table2mini'):
+  for name in ('fig3', 'fig4ad', 'fig4eh', 'fig4il_mini', 'table2mini', 'fig4il_long',
+               'table2long'):
     assert os.path.getsize(os.path.join(results, 'figures', f'{name}.png')) > 1000
     assert f'figures/{name}.png' in report
   assert '| paper, \\|beta\\| = 0.5 | 38.4 ± 6.2 | 16.3 ± 0.7 |' in report
@@ -91,12 +96,19 @@ def test_report_and_figures_from_fake_results(tmp_path):
   assert '| lambda = 0 | 2 (epochs reached: 7, 50 of 50) |' in report
   assert '| lambda = 0 | 0 | missing |' in report  # Fig. 4e-h without homeostasis
 
-  # Table 2 in miniature: accuracy = 100 - (80 - 40 - seed - 15) = 75, 76, 77 -> 76 ± 1/sqrt(3).
-  se = np.std([75.0, 76.0, 77.0], ddof=1) / np.sqrt(3)
-  assert (f'| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 3 (epochs reached: 4 of 4) | '
-          f'76 ± {se:.2g} | 20 ± 0 | 0.965 ± 0 |') in report
-  assert '0.85 ± 0 / 0.91 ± 0.0058 / 1 ± 0 | 1 ± 0 / 2 ± 0 / 12 ± 0 |' in report  # per layer
-  assert '| -5.4 ± 0 / -4.5 ± 0 | 23 ± 0 / 44 ± 0 |' in report  # residual, free steps
+  # Table 2 in miniature: accuracy = 100 - (80 - 40 - seed - 15) = 75, 76, 77 -> 76 ± 1 (std,
+  # as the paper's table).
+  assert ('| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 3 (epochs reached: 4 of 4) | '
+          '76 ± 1 | 20 ± 0 | 0.965 ± 0 |') in report
+  assert '0.85 ± 0 / 0.91 ± 0.01 / 1 ± 0 | 1 ± 0 / 2 ± 0 / 12 ± 0 |' in report  # per layer
+  assert '| -5.4 ± 0 / -4.5 ± 0 | 23 ± 0 / 44 ± 0 | none; none; none |' in report  # cap 100
+  # The longer group: its own section, table and figures; a run whose free phase hit the
+  # cap of 250 steps in epochs 3-4 is flagged.
+  long = report.split('## Table 2 and Fig. 4i-l in miniature, 5x longer')[1]
+  assert '2,500 steps' in long and '![fig4il_long](figures/fig4il_long.png)' in long
+  assert ('| tied (symmetric) network, hEP exact, lambda = 0 | 88.6 ± 0.2 | 1 (epochs '
+          'reached: 4 of 4) |') in long and '| 3, 4 |' in long
+  assert '| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 0 | missing |' in long
   assert '| hEP exact d_beta s*, lambda = 0 | 60.4 ± 0.4 | 2 (epochs reached: 2, 4 of 4) |' in report
   assert '| hEP N = 2, \\|beta\\| = 1, lambda = 15 | 81.4 ± 0.1 | 0 | missing |' in report
   assert '| RBP (BP through T_nudge), lambda = 15 | 87.8 ± 0.3 | 1 (epochs reached: 4 of 4) | 75 |' in report
