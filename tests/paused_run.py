@@ -1,18 +1,18 @@
-"""fmnist_mlp.py's command line, paused once at a chosen point so that a test can act there
-(start a second run, kill -9, SIGTERM) without guessing at timing:
+"""A script's command line, paused once at a chosen point so that a test can act there (start
+a second run, kill -9, Ctrl-C, SIGTERM) without guessing at timing:
 
-    PAUSE_AFTER=save:1 python tests/paused_run.py --config=configs/fmnist_mlp.py ... --workdir=W
+    PAUSE_AFTER=save:1 python tests/paused_run.py fmnist_mlp.py --config=configs/fmnist_mlp.py ... --workdir=W
 
 PAUSE_AFTER=save:E pauses right after epoch E's checkpoint is written; step:E:K right after
 the K-th training step of epoch E (mid-epoch). There it prints PAUSED to stdout and waits
 for a line (or the end) on stdin; a helper of test_harness.py.
 """
+import importlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fmnist_mlp  # pylint: disable=wrong-import-position
 import harness  # pylint: disable=wrong-import-position
 
 KIND, *AT = os.environ['PAUSE_AFTER'].split(':')
@@ -44,4 +44,7 @@ harness.Workdir.save = save_then_pause
 harness.Progress.add = add_then_pause
 
 if __name__ == '__main__':
-  harness.run_main(fmnist_mlp.SCRIPT, fmnist_mlp.train_and_evaluate, 'configs/fmnist_mlp.py')
+  script = sys.argv.pop(1)
+  module = importlib.import_module(script[:-3])
+  defaults = {'fmnist_mlp.py': 'configs/fmnist_mlp.py', 'cifar_conv.py': 'configs/cifar10.py'}
+  harness.run_main(module.SCRIPT, module.train_and_evaluate, defaults[script])

@@ -624,25 +624,6 @@ def conv_args(data_dir, **overrides):
   return ['--config=configs/cifar10.py', *(f'--config.{k}={v}' for k, v in fields.items())]
 
 
-@pytest.mark.slow
-def test_ctrl_c_ends_with_one_line(idx_dir, tmp_path):
-  # Python's own Ctrl-C handler in the child even where this process ignores SIGINT.
-  # 100,000 epochs: only the signal can end the run, wherever it lands.
-  argv = ['cifar_conv.py', *conv_args(idx_dir, num_epochs=100000), f'--workdir={tmp_path / "run"}']
-  code = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
-          f'sys.argv = {argv!r}; runpy.run_path("cifar_conv.py", run_name="__main__")')
-  proc = subprocess.Popen([sys.executable, '-c', code], cwd=helpers.ROOT,
-                          stderr=subprocess.PIPE, text=True)
-  for line in proc.stderr:  # compiling the train step takes seconds: interrupt it there
-    if 'workdir:' in line:
-      break
-  proc.send_signal(signal.SIGINT)
-  err = proc.stderr.read()
-  assert proc.wait(timeout=120) == 130
-  assert err.strip().splitlines()[-1] == 'cifar_conv.py: interrupted; resume with the same command'
-  assert 'Traceback' not in err
-
-
 # --------------------------------------------------------------- one run per workdir, SIGTERM
 # A run paused at a chosen point (tests/paused_run.py: PAUSED on its stdout, then it waits for
 # its stdin), so that each interference lands exactly there; the deadlines only guard
@@ -675,7 +656,8 @@ def assert_same_outcome(a, b):
 def paused_run(args, pause, stderr_path):
   """tests/paused_run.py with `args`, once it has paused at `pause` (PAUSE_AFTER)."""
   with open(stderr_path, 'w') as err:
-    proc = subprocess.Popen([sys.executable, 'tests/paused_run.py', *args], cwd=helpers.ROOT,
+    proc = subprocess.Popen([sys.executable, 'tests/paused_run.py', 'fmnist_mlp.py', *args],
+                            cwd=helpers.ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                             env={**os.environ, 'PAUSE_AFTER': pause})
   assert select.select([proc.stdout], [], [], 600)[0], 'no pause within 600 s'
@@ -727,6 +709,18 @@ def test_kill_9_leaves_no_lock_and_a_longer_resume_is_bit_identical(mlp_run, tmp
 
 
 @pytest.mark.slow
+def test_ctrl_c_mid_epoch_ends_with_one_line(mlp_run, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = paused_run(mlp_args(mlp_run, workdir), 'step:2:1', tmp_path / 'int.err')
+  proc.send_signal(signal.SIGINT)  # Python's own handler: a KeyboardInterrupt in the run
+  assert proc.wait(timeout=60) == 130
+  err = (tmp_path / 'int.err').read_text()
+  assert err.strip().splitlines()[-1] == 'fmnist_mlp.py: interrupted; resume with the same command'
+  assert 'Traceback' not in err
+  assert harness.read_checkpoint(str(workdir / 'checkpoint.npz'))['epoch'] == 1
+
+
+@pytest.mark.slow
 def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
   proc = paused_run(mlp_args(mlp_run, workdir), 'step:2:1', tmp_path / 'term.err')
@@ -751,14 +745,18 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(i, port, tmp_path, idx_dir, *extra, workdir=None, **overrides):
-  """Process i of a two-process cifar_conv.py run on localhost."""
+def start(i, port, tmp_path, idx_dir, *extra, workdir=None, pause=None, **overrides):
+  """Process i of a two-process cifar_conv.py run on localhost (pause: through
+  tests/paused_run.py, which stops there and waits for its stdin)."""
+  via = ['tests/paused_run.py'] if pause else []
   return subprocess.Popen(
-      [sys.executable, 'cifar_conv.py', *conv_args(idx_dir, **overrides),
+      [sys.executable, *via, 'cifar_conv.py', *conv_args(idx_dir, **overrides),
        f'--config.coordinator_address=127.0.0.1:{port}', '--config.num_processes=2',
        f'--config.process_id={i}', '--config.process_timeout_s=5',
        f'--workdir={workdir or tmp_path / f"run{i}"}', *extra],
-      cwd=helpers.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=helpers.ROOT, stderr=subprocess.PIPE, text=True,
+      **(dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, 'PAUSE_AFTER': pause})
+         if pause else dict(stdout=subprocess.DEVNULL)))
 
 
 def last_lines(procs, timeout=120):
@@ -811,10 +809,11 @@ def test_a_workdir_locked_by_another_run_stops_every_process(idx_dir, tmp_path):
 def test_sigterm_stops_a_process_of_a_multi_process_run_with_one_line(idx_dir, tmp_path):
   """jax.distributed's preemption notifier takes SIGTERM over; start_processes hands it back."""
   port = free_port()
-  procs = [start(i, port, tmp_path, idx_dir, num_epochs=100000) for i in (0, 1)]
+  # Both wait after their first training step (after jax.distributed.initialize).
+  procs = [start(i, port, tmp_path, idx_dir, pause='step:1:1') for i in (0, 1)]
   try:
-    for line in procs[0].stderr:  # after jax.distributed.initialize; only a signal ends the run
-      if 'workdir:' in line:
+    for line in procs[0].stdout:  # the collectives' library prints there too
+      if line == 'PAUSED\n':
         break
     procs[0].send_signal(signal.SIGTERM)
     [(rc0, line0)] = last_lines(procs[:1])
