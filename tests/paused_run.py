@@ -9,6 +9,7 @@ for a line (or the end) on stdin; a helper of test_harness.py.
 """
 import importlib
 import os
+import select
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +22,11 @@ AT = [int(a) for a in AT]
 
 def pause():
   print('PAUSED', flush=True)
+  # Wait in short slices, not in one blocking read: the kernel may hand a signal to any of
+  # the process's threads (JAX starts many), and a main thread blocked in read() would then
+  # never come back to run Python's handler for it.
+  while not select.select([sys.stdin], [], [], 0.05)[0]:
+    pass
   sys.stdin.readline()
 
 

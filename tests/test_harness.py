@@ -666,6 +666,22 @@ def paused_run(args, pause, stderr_path):
   return proc
 
 
+def exit_code_after(proc, sig):
+  """Sends `sig` to a paused run and returns its exit code; if it has not ended within 60 s,
+  fails with each of its threads' blocked and pending signal masks (where a signal was lost)."""
+  proc.send_signal(sig)
+  try:
+    return proc.wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    masks = [' '.join(line.split()) for task in sorted(os.listdir(f'/proc/{proc.pid}/task'))
+             for line in open(f'/proc/{proc.pid}/task/{task}/status')
+             if line.startswith(('SigBlk', 'SigPnd', 'ShdPnd'))]
+    proc.kill()
+    pytest.fail(f'{sig.name} did not end the run within 60 s; the test process blocks '
+                f'{sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}; the run\'s threads: '
+                f'{masks[:12]}')
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_workdir_is_refused_and_the_first_is_unharmed(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
@@ -712,8 +728,8 @@ def test_kill_9_leaves_no_lock_and_a_longer_resume_is_bit_identical(mlp_run, tmp
 def test_ctrl_c_mid_epoch_ends_with_one_line(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
   proc = paused_run(mlp_args(mlp_run, workdir), 'step:2:1', tmp_path / 'int.err')
-  proc.send_signal(signal.SIGINT)  # Python's own handler: a KeyboardInterrupt in the run
-  assert proc.wait(timeout=60) == 130
+  # Python's own handler: a KeyboardInterrupt in the run
+  assert exit_code_after(proc, signal.SIGINT) == 130
   err = (tmp_path / 'int.err').read_text()
   assert err.strip().splitlines()[-1] == 'fmnist_mlp.py: interrupted; resume with the same command'
   assert 'Traceback' not in err
@@ -724,8 +740,7 @@ def test_ctrl_c_mid_epoch_ends_with_one_line(mlp_run, tmp_path):
 def test_sigterm_mid_epoch_ends_with_one_line_and_resumes_bit_identically(mlp_run, tmp_path):
   workdir = tmp_path / 'run'
   proc = paused_run(mlp_args(mlp_run, workdir), 'step:2:1', tmp_path / 'term.err')
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=60) == 143  # not -15: the handler ran
+  assert exit_code_after(proc, signal.SIGTERM) == 143  # not -15: the handler ran
   err = (tmp_path / 'term.err').read_text()
   assert err.strip().splitlines()[-1] == 'fmnist_mlp.py: terminated; resume with the same command'
   assert 'Traceback' not in err
