@@ -511,6 +511,11 @@ class RunsError(Exception):
   """Bad --runs input, or nothing to draw: one line for the user."""
 
 
+class NoRowYet(RunsError):
+  """A workdir (or metrics file) without a metrics row yet: its first epoch has not ended.
+  Beside runs that have rows it is left out with one line; alone it is the error."""
+
+
 # base: the workdir, or the results file without .jsonl (absolute); rows: harness.read_rows;
 # fields: {config field: value} for the legend.
 Watched = collections.namedtuple('Watched', 'base rows fields')
@@ -572,7 +577,7 @@ def config_fields(path):
 def read_run(spec):
   """A Watched run: `spec` is a workdir, its metrics.jsonl, or a results file <name>.jsonl
   (with <name>.meta.json beside it). Lines that are not metrics rows are skipped, one line each
-  on stderr; a run without rows is a RunsError."""
+  on stderr; a run without rows is a NoRowYet."""
   path = os.path.normpath(spec)
   if os.path.isdir(path):
     metrics, config, base = (os.path.join(path, harness.METRICS),
@@ -588,11 +593,11 @@ def read_run(spec):
   else:
     raise RunsError(f'no such workdir or results file: {spec}')
   if not os.path.isfile(metrics):
-    raise RunsError(f'{spec} has no {harness.METRICS} (not a workdir, or its first epoch has '
-                    'not ended yet)')
+    raise NoRowYet(f'{spec} has no {harness.METRICS} (not a workdir, or its first epoch has '
+                   'not ended yet)')
   rows = harness.read_rows(metrics, lambda n, why: _skip(f'{metrics} line {n} ({why})'))
   if not rows:
-    raise RunsError(f'{metrics} holds no metrics row yet')
+    raise NoRowYet(f'{metrics} holds no metrics row yet')
   return Watched(os.path.abspath(base), rows, config_fields(config))
 
 
@@ -708,8 +713,18 @@ def draw_runs(runs, path):
 
 
 def watch(specs, out=DEFAULT_OUT):
-  """Reads the runs `specs` (read_run) and draws them into `out`; returns draw_runs' result."""
-  runs = [read_run(spec) for spec in specs]
+  """Reads the runs `specs` (read_run) and draws them into `out`; returns draw_runs' result.
+  A run without a row yet is left out with one line, unless no run has one."""
+  runs, waiting = [], []
+  for spec in specs:
+    try:
+      runs.append(read_run(spec))
+    except NoRowYet as e:
+      waiting.append(e)
+  if not runs:
+    raise waiting[0] if len(waiting) == 1 else RunsError('none of the runs has a metrics row yet')
+  for e in waiting:
+    print(f'{PROG}: left out of the figure: {e}', file=sys.stderr)
   labels, panels = draw_runs(runs, out)
   print(f'wrote {out}: ' + '; '.join(labels))
   return labels, panels

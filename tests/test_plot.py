@@ -282,6 +282,23 @@ def test_runs_an_empty_workdir_is_a_one_line_error(tmp_path):
   assert result.stdout == '' and not out.exists()
 
 
+def test_runs_leaves_out_a_run_without_rows_beside_one_with_rows(tmp_path, capsys):
+  good, empty, started = tmp_path / 'good', tmp_path / 'empty', tmp_path / 'started'
+  _workdir(good, [_mlp_row(1)])
+  empty.mkdir()
+  _workdir(started, [])  # config.json and an empty metrics.jsonl: epoch 1 is under way
+  labels, _ = plot.watch([str(empty), str(good), str(started)], str(tmp_path / 'x.png'))
+  assert len(labels) == 1 and labels[0].startswith('good')
+  assert os.path.getsize(tmp_path / 'x.png') > 1000
+  assert capsys.readouterr().err.splitlines() == [
+      f'plot.py: left out of the figure: {empty} has no metrics.jsonl (not a workdir, or its '
+      'first epoch has not ended yet)',
+      f'plot.py: left out of the figure: {started}/metrics.jsonl holds no metrics row yet']
+  with pytest.raises(plot.RunsError, match='^none of the runs has a metrics row yet$'):
+    plot.watch([str(empty), str(started)], str(tmp_path / 'y.png'))
+  assert not (tmp_path / 'y.png').exists()
+
+
 @pytest.mark.parametrize('args, error', [
     (['--runs={tmp}/missing'], 'no such workdir or results file: {tmp}/missing'),
     (['--runs={tmp}/garbage'], '{tmp}/garbage/metrics.jsonl holds no metrics row yet'),
