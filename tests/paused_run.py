@@ -7,8 +7,8 @@ PAUSE_AFTER=save:E pauses right after epoch E's checkpoint is written; step:E:K 
 the K-th training step of epoch E (mid-epoch). There it prints PAUSED to stdout and waits
 for a line (or the end) on stdin; a helper of test_harness.py.
 """
-import importlib
 import os
+import runpy
 import select
 import sys
 
@@ -50,7 +50,5 @@ harness.Workdir.save = save_then_pause
 harness.Progress.add = add_then_pause
 
 if __name__ == '__main__':
-  script = sys.argv.pop(1)
-  module = importlib.import_module(script[:-3])
-  defaults = {'fmnist_mlp.py': 'configs/fmnist_mlp.py', 'cifar_conv.py': 'configs/cifar10.py'}
-  harness.run_main(module.SCRIPT, module.train_and_evaluate, defaults[script])
+  sys.argv.pop(0)  # the script's own command line, run as its own __main__ (with its defaults)
+  runpy.run_path(sys.argv[0], run_name='__main__')
