@@ -62,7 +62,8 @@ def test_gpu_check_refuses_a_cpu_backend_without_cpu_smoke(tmp_path):
 @pytest.mark.slow
 def test_conv_update_order_relaxes_a_trained_checkpoint(tmp_path):
   """--part=trained restores a run's parameters from its checkpoint (not from code) and runs
-  both update orders on the first test images of the run's data set."""
+  both update orders on the first test images of the run's data set; --part=samples counts
+  the samples still far from their fixed point."""
   rng = np.random.default_rng(0)
   for split, n in (('train', 4), ('t10k', 3)):
     write_idx(tmp_path / f'{split}-images-idx3-ubyte.gz', rng.integers(0, 256, (n, 28, 28)))
@@ -91,3 +92,21 @@ def test_conv_update_order_relaxes_a_trained_checkpoint(tmp_path):
   cosines = [float(l.split('min cosine ')[1].split(',')[0]) for l in out.splitlines()
              if 'min cosine' in l]
   assert len(cosines) == 2 and min(cosines) > 0.999, out
+
+  # --part=samples: per-sample residuals of the run's own order after every --chunk steps.
+  run = subprocess.run(
+      [sys.executable, 'tools/conv_update_order.py', '--part=samples', f'--workdir={tmp_path}/run',
+       f'--data_dir={tmp_path}', '--batch=3', '--t_free=6', '--chunk=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stdout + run.stderr
+  out = run.stdout
+  assert 'after epoch 2: hep_exact, lambda 0, synchronous, 3 test images' in out, out
+  rows = [[c.split() for c in line.split('|')] for line in out.splitlines()
+          if line.strip()[:1] in ('3', '6')]
+  assert [int(r[0][0]) for r in rows] == [3, 6], out
+  for _, counts, median, largest in rows:
+    counts = [int(c) for c in counts]
+    assert 3 >= counts[0] >= counts[1] >= counts[2] >= 0, out
+    assert float(median[0]) <= float(largest[0]), out
+  # Three synchronous steps from zeros leave every sample above 1e-4; six steps contract.
+  assert rows[0][1][0] == '3' and float(rows[1][3][0]) < float(rows[0][3][0]), out

@@ -7,6 +7,8 @@ Not a test: the measurement behind the conv scripts' step counts and default lay
     python tools/conv_update_order.py --part=timing    # ms per step, compute_grads at batch 16
     python tools/conv_update_order.py --part=trained --workdir=runs/sweep/table2mini/tied_homeo0_seed0
         # a trained run's checkpoint on the first --batch test images of its data set
+    python tools/conv_update_order.py --part=samples --workdir=... --batch=256 --t_free=1000 --chunk=50
+        # how many of those images are still far from their fixed point after t steps
 
 In the MLP, layers talk only to their neighbours, so the synchronous dynamics split into two
 independent chains and the alternating order follows one of them exactly (T steps for the
@@ -169,9 +171,9 @@ def part_paper(args):
                args.ref_free, args.ref_nudge)
 
 
-def part_trained(args):
-  """The free phase of a trained network (a workdir's checkpoint.npz, read without executing
-  anything: its config is JSON) on the first --batch test images of its own data set."""
+def load_trained(args):
+  """(config, params, x, labels, epoch) of a workdir's checkpoint.npz (read without executing
+  anything: its config is JSON) and the first --batch test images of its own data set."""
   ckpt = harness.read_checkpoint(os.path.join(args.workdir, 'checkpoint.npz'))
   if ckpt is None:
     raise SystemExit(f'no checkpoint.npz in {args.workdir}')
@@ -183,11 +185,42 @@ def part_trained(args):
   params, _ = harness.restore_checkpoint(ckpt, (params, cc.make_optimizer(config, 1).init(params)))
   data = cc.load_data(config)
   x = cc.preprocess(config, jnp.asarray(data.test.images))
-  labels = jnp.asarray(data.test.labels)
-  print(f'\n== {args.workdir} after epoch {ckpt["epoch"]}: {config.algorithm}, tied '
+  return config, params, x, jnp.asarray(data.test.labels), ckpt['epoch']
+
+
+def part_trained(args):
+  """The free phase of a trained network on the first --batch test images, both orders."""
+  config, params, x, labels, epoch = load_trained(args)
+  print(f'\n== {args.workdir} after epoch {epoch}: {config.algorithm}, tied '
         f'{config.tied}, lambda {config.homeo_coef:g}, {args.batch} test images ==', flush=True)
   run_orders(config, params, x, labels, args.t_free, args.t_nudges, args.chunk, args.ref_free,
              args.ref_nudge)
+
+
+def part_samples(args):
+  """How many samples of a trained network's free phase (its own layer order, from zeros)
+  are still far from their fixed point after t steps, t = --chunk, 2 --chunk, ..., --t_free:
+  the spread behind the largest residual that the training rows report."""
+  config, params, x, _, epoch = load_trained(args)
+  x_drive = cc.input_drive(params, x)
+  advance = jax.jit(lambda u: common.fixed_point(cc.make_step(config, params, x_drive), u,
+                                                 args.chunk))
+
+  @jax.jit
+  def log10_field(u):  # per sample, the synchronous field ||G(sigma(u)) - u||
+    f = common.tree_sub(cc.drives(config, params, cc.activate(u), x_drive), u)
+    return jnp.log10(jnp.sqrt(common.per_sample_sq_norm(f)) + 1e-30)
+
+  print(f'\n== {args.workdir} after epoch {epoch}: {config.algorithm}, lambda '
+        f'{config.homeo_coef:g}, {config.layer_updates}, {args.batch} test images ==')
+  print(f'  samples (of {args.batch}) with log10 ||F|| above -4, -3, -2; median and max of it')
+  print(f'  {"steps":>6s} |   -4   -3   -2 | median |    max')
+  u = cc.zeros_state(config, args.batch, x_drive.dtype)
+  for t in range(args.chunk, args.t_free + 1, args.chunk):
+    u = advance(u)[0]
+    r = np.asarray(log10_field(u))
+    print(f'  {t:6d} | {np.sum(r > -4):4d} {np.sum(r > -3):4d} {np.sum(r > -2):4d} | '
+          f'{np.median(r):6.2f} | {r.max():6.2f}', flush=True)
 
 
 def tiny_net(seed=0, batch=3):
@@ -307,10 +340,10 @@ def part_timing(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--part', choices=('paper', 'tiny', 'timing', 'trained'), required=True)
-  parser.add_argument('--workdir', default='', help='trained part: the run whose checkpoint')
+  parser.add_argument('--part', choices=('paper', 'tiny', 'timing', 'trained', 'samples'), required=True)
+  parser.add_argument('--workdir', default='', help='trained, samples parts: the run whose checkpoint')
   parser.add_argument('--data_dir', default='',
-                      help="trained part, Fashion-MNIST-32: the IDX folder ('' = the Debian one)")
+                      help="trained, samples parts, Fashion-MNIST-32: the IDX folder ('' = the Debian one)")
   parser.add_argument('--batch', type=int, default=None)
   parser.add_argument('--t_free', type=int, default=250)
   parser.add_argument('--t_nudge', type=int, default=40)
@@ -328,7 +361,7 @@ def main():
   if args.batch is None:
     args.batch = 4 if args.part == 'paper' else 16
   {'paper': part_paper, 'tiny': part_tiny, 'timing': part_timing,
-   'trained': part_trained}[args.part](args)
+   'trained': part_trained, 'samples': part_samples}[args.part](args)
 
 
 if __name__ == '__main__':
