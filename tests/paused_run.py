@@ -5,11 +5,15 @@ a second run, kill -9, Ctrl-C, SIGTERM) without guessing at timing:
 
 PAUSE_AFTER=save:E pauses right after epoch E's checkpoint is written; step:E:K right after
 the K-th training step of epoch E (mid-epoch). There it prints PAUSED to stdout and waits
-for a line (or the end) on stdin; a helper of test_harness.py.
+for a line (or the end) on stdin; a helper of test_harness.py. It stands for a run started
+from a terminal: Python's own SIGINT handler is in place even where the test runner was
+started as a background job of a script (`./.ci/run &`), whose children inherit SIGINT
+ignored and would sit through the Ctrl-C test's signal.
 """
 import os
 import runpy
 import select
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,5 +54,6 @@ harness.Workdir.save = save_then_pause
 harness.Progress.add = add_then_pause
 
 if __name__ == '__main__':
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   sys.argv.pop(0)  # the script's own command line, run as its own __main__ (with its defaults)
   runpy.run_path(sys.argv[0], run_name='__main__')

@@ -668,7 +668,8 @@ def paused_run(args, pause, stderr_path):
 
 def exit_code_after(proc, sig):
   """Sends `sig` to a paused run and returns its exit code; if it has not ended within 60 s,
-  fails with each of its threads' blocked and pending signal masks (where a signal was lost)."""
+  fails with the run's ignored and caught signals and each of its threads' blocked and
+  pending ones (where a signal was lost)."""
   proc.send_signal(sig)
   try:
     return proc.wait(timeout=60)
@@ -676,10 +677,12 @@ def exit_code_after(proc, sig):
     masks = [' '.join(line.split()) for task in sorted(os.listdir(f'/proc/{proc.pid}/task'))
              for line in open(f'/proc/{proc.pid}/task/{task}/status')
              if line.startswith(('SigBlk', 'SigPnd', 'ShdPnd'))]
+    with open(f'/proc/{proc.pid}/status') as f:
+      masks = [' '.join(l.split()) for l in f if l.startswith(('SigIgn', 'SigCgt'))] + masks
     proc.kill()
+    blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
     pytest.fail(f'{sig.name} did not end the run within 60 s; the test process blocks '
-                f'{sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}; the run\'s threads: '
-                f'{masks[:12]}')
+                f'{blocked}; the run (then its threads): {masks[:14]}')
 
 
 @pytest.mark.slow
