@@ -33,7 +33,8 @@ results/<group>/<name>.jsonl (the runs of sweep.plan()) and writes
   one colour each;
 * <out_dir>/fmnist_report.md: Table 1 (final-epoch test error of every cell, next to the
   paper's values), the Fig. 4 final values (mean ± SE, as the paper's bands), Table 2 in
-  miniature beside the paper's CIFAR-10 column (mean ± std, as the paper's table), and a
+  miniature beside the paper's CIFAR-10 column (mean ± std, as the paper's table) with its
+  test error after each epoch (mean ± SE, and the homeostasis pair's difference), and a
   list of every run with its status.
 
 Missing runs are skipped with a note; partial runs are drawn and reported with the epochs
@@ -477,6 +478,50 @@ TABLE2_GROUPS = {  # group: (title, what the runs are, figure name of the lambda
 }
 
 
+def epoch_table(loaded, group, conditions, pair=('exact_homeo0', 'exact_homeo15'),
+                pair_label='hEP exact: lambda = 0 minus lambda = 15'):
+  """Test error after each epoch, mean ± SE over the seeds that reached it, one row per
+  condition with runs; then the pair's difference (first minus second) with the SE of a
+  difference of two independent means, where both sides have two seeds or more."""
+  def mean_se(values):
+    se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else None
+    return float(np.mean(values)), se
+
+  text = lambda m, se: f'{m:.2f}' if se is None else f'{m:.2f} ± {se:.2f}'
+  stats, steps = {}, {}
+  for name, label in conditions:
+    per_epoch = collections.defaultdict(list)
+    for item in seeds_of(loaded, group, name):
+      for row in item.rows:
+        if isinstance(row.get('test_error'), (int, float)):
+          per_epoch[row['epoch']].append(float(row['test_error']))
+          steps.setdefault(row['epoch'], row.get('step'))
+    if per_epoch:
+      stats[name] = (label, len(seeds_of(loaded, group, name)),
+                     {e: mean_se(v) for e, v in per_epoch.items()})
+  if not stats:
+    return []
+  epochs = sorted(steps)
+  head = ['condition', 'seeds'] + [f'epoch {e}' + (f' (step {steps[e]:,})' if steps[e] else '')
+                                   for e in epochs]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  for label, n, by_epoch in stats.values():
+    lines.append('| ' + ' | '.join([label, str(n)] + [text(*by_epoch[e]) if e in by_epoch else ''
+                                                        for e in epochs]) + ' |')
+  if all(name in stats for name in pair):
+    a, b = stats[pair[0]][2], stats[pair[1]][2]
+    cells = []
+    for e in epochs:
+      if e in a and e in b:
+        both = a[e][1] is not None and b[e][1] is not None
+        cells.append(text(a[e][0] - b[e][0], math.hypot(a[e][1], b[e][1]) if both else None))
+      else:
+        cells.append('')
+    lines.append(f'| {pair_label} | | ' + ' | '.join(cells) + ' |')
+  return ['Test error (%) after each epoch, mean ± SE over the seeds that reached it:', '',
+          *lines, '']
+
+
 def table2_section(loaded, group, figures):
   """Report lines of a Table 2 group (TABLE2_GROUPS): the table beside the paper's CIFAR-10
   column, the lambda pair's Fig. 4i-l panels and all rows' panels (figures/<group>.png)."""
@@ -496,6 +541,7 @@ def table2_section(loaded, group, figures):
           'with the exact d_beta s*.', '',
           *condition_table(loaded, group, rows, TABLE2_COLUMNS, spread='std',
                            paper={name: value for name, _, value in TABLE2}), '',
+          *epoch_table(loaded, group, rows),
           f'![{pair_figure}](figures/{pair_figure}.png)' if drawn else
           f'(no {group} hEP exact run yet)', '',
           f'![{group}](figures/{group}.png)' if drawn_all else '', '']

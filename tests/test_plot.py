@@ -106,6 +106,18 @@ def test_report_and_figures_from_fake_results(tmp_path):
   # cap of 250 steps in epochs 3-4 is flagged.
   long = report.split('## Table 2 and Fig. 4i-l in miniature, 5x longer')[1]
   assert '2,500 steps' in long and '![fig4il_long](figures/fig4il_long.png)' in long
+  # Its test error after each epoch (mean ± SE over the seeds that reached it), and the pair's
+  # difference: epoch 1, lambda 0 70, 69 and lambda 15 55, 54, 53; epoch 3, lambda 0 one seed.
+  mini = report.split('## Table 2 and Fig. 4i-l in miniature (')[1].split('\n## ')[0]
+  se0, se15 = 0.5, np.std([55, 54, 53], ddof=1) / np.sqrt(3)
+  assert '| condition | seeds | epoch 1 | epoch 2 | epoch 3 | epoch 4 |' in mini
+  assert ('| hEP exact d_beta s*, lambda = 0 | 2 | 69.50 ± 0.50 | 59.50 ± 0.50 | 50.00 | 40.00 |'
+          in mini)
+  assert f'| hEP exact d_beta s*, lambda = 15 | 3 | 54.00 ± {se15:.2f} |' in mini
+  assert (f'| hEP exact: lambda = 0 minus lambda = 15 | | 15.50 ± {np.hypot(se0, se15):.2f} | '
+          f'15.50 ± {np.hypot(se0, se15):.2f} | 16.00 | 16.00 |') in mini
+  assert '| RBP (BP through T_nudge), lambda = 15 | 1 | 55.00 | 45.00 | 35.00 | 25.00 |' in mini
+  assert 'hEP N = 2' not in mini.split('after each epoch')[1]  # no runs: no row
   assert ('| tied (symmetric) network, hEP exact, lambda = 0 | 88.6 ± 0.2 | 1 (epochs '
           'reached: 4 of 4) |') in long and '| 3, 4 |' in long
   assert '| hEP exact d_beta s*, lambda = 15 | 84.3 ± 0.1 | 0 | missing |' in long
