@@ -490,15 +490,14 @@ def epoch_table(loaded, group, conditions, pair=('exact_homeo0', 'exact_homeo15'
   text = lambda m, se: f'{m:.2f}' if se is None else f'{m:.2f} ± {se:.2f}'
   stats, steps = {}, {}
   for name, label in conditions:
-    per_epoch = collections.defaultdict(list)
-    for item in seeds_of(loaded, group, name):
+    items, per_epoch = seeds_of(loaded, group, name), collections.defaultdict(list)
+    for item in items:
       for row in item.rows:
         if isinstance(row.get('test_error'), (int, float)):
           per_epoch[row['epoch']].append(float(row['test_error']))
           steps.setdefault(row['epoch'], row.get('step'))
     if per_epoch:
-      stats[name] = (label, len(seeds_of(loaded, group, name)),
-                     {e: mean_se(v) for e, v in per_epoch.items()})
+      stats[name] = (label, len(items), {e: mean_se(v) for e, v in per_epoch.items()})
   if not stats:
     return []
   epochs = sorted(steps)

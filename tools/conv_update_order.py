@@ -82,9 +82,14 @@ def scaled(params, scale):
           'backward': [dict(p, w=scale * p['w']) for p in params['backward']]}
 
 
-def field_norm(config, params, u, x_drive):
+def log10_fields(config, params, u, x_drive):
+  """Per sample, log10 of the synchronous field ||G(sigma(u)) - u||."""
   f = common.tree_sub(cc.drives(config, params, cc.activate(u), x_drive), u)
-  return jnp.log10(jnp.sqrt(jnp.max(common.per_sample_sq_norm(f))) + 1e-30)
+  return jnp.log10(jnp.sqrt(common.per_sample_sq_norm(f)) + 1e-30)
+
+
+def field_norm(config, params, u, x_drive):
+  return jnp.max(log10_fields(config, params, u, x_drive))
 
 
 def free_trajectory(config, params, x_drive, total, chunk):
@@ -205,12 +210,7 @@ def part_samples(args):
   x_drive = cc.input_drive(params, x)
   advance = jax.jit(lambda u: common.fixed_point(cc.make_step(config, params, x_drive), u,
                                                  args.chunk))
-
-  @jax.jit
-  def log10_field(u):  # per sample, the synchronous field ||G(sigma(u)) - u||
-    f = common.tree_sub(cc.drives(config, params, cc.activate(u), x_drive), u)
-    return jnp.log10(jnp.sqrt(common.per_sample_sq_norm(f)) + 1e-30)
-
+  measure = jax.jit(lambda u: log10_fields(config, params, u, x_drive))
   print(f'\n== {args.workdir} after epoch {epoch}: {config.algorithm}, lambda '
         f'{config.homeo_coef:g}, {config.layer_updates}, {args.batch} test images ==')
   print(f'  samples (of {args.batch}) with log10 ||F|| above -4, -3, -2; median and max of it')
@@ -218,7 +218,7 @@ def part_samples(args):
   u = cc.zeros_state(config, args.batch, x_drive.dtype)
   for t in range(args.chunk, args.t_free + 1, args.chunk):
     u = advance(u)[0]
-    r = np.asarray(log10_field(u))
+    r = np.asarray(measure(u))
     print(f'  {t:6d} | {np.sum(r > -4):4d} {np.sum(r > -3):4d} {np.sum(r > -2):4d} | '
           f'{np.median(r):6.2f} | {r.max():6.2f}', flush=True)
 
@@ -340,10 +340,13 @@ def part_timing(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--part', choices=('paper', 'tiny', 'timing', 'trained', 'samples'), required=True)
-  parser.add_argument('--workdir', default='', help='trained, samples parts: the run whose checkpoint')
+  parser.add_argument('--part', choices=('paper', 'tiny', 'timing', 'trained', 'samples'),
+                      required=True)
+  parser.add_argument('--workdir', default='',
+                      help='trained, samples parts: the run whose checkpoint')
   parser.add_argument('--data_dir', default='',
-                      help="trained, samples parts, Fashion-MNIST-32: the IDX folder ('' = the Debian one)")
+                      help="trained, samples parts, Fashion-MNIST-32: the IDX folder ('' = the "
+                      'Debian one)')
   parser.add_argument('--batch', type=int, default=None)
   parser.add_argument('--t_free', type=int, default=250)
   parser.add_argument('--t_nudge', type=int, default=40)
