@@ -146,18 +146,24 @@ def num_layers(rows, key):
   return max((len(r[key]) for r in rows if isinstance(r.get(key), list)), default=0)
 
 
-def aggregate(loaded_runs, key, index=None, band='se'):
-  """Mean over seeds per epoch, and a band (standard error or std; 0 with one seed)."""
-  per_epoch = collections.defaultdict(list)
+def per_epoch(loaded_runs, key, index=None):
+  """{epoch: the finite values of a metric over the runs (seeds) that have one}."""
+  values = collections.defaultdict(list)
   for item in loaded_runs:
     for e, v in zip(*series(item.rows, key, index)):
       if np.isfinite(v):
-        per_epoch[e].append(v)
-  epochs = np.asarray(sorted(per_epoch))
-  mean = np.asarray([np.mean(per_epoch[e]) for e in epochs])
+        values[int(e)].append(float(v))
+  return values
+
+
+def aggregate(loaded_runs, key, index=None, band='se'):
+  """Mean over seeds per epoch, and a band (standard error or std; 0 with one seed)."""
+  values = per_epoch(loaded_runs, key, index)
+  epochs = np.asarray(sorted(values))
+  mean = np.asarray([np.mean(values[e]) for e in epochs])
   spread = []
   for e in epochs:
-    v = per_epoch[e]
+    v = values[e]
     sd = np.std(v, ddof=1) if len(v) > 1 else 0.0
     spread.append(sd / math.sqrt(len(v)) if band == 'se' else sd)
   return epochs, mean, np.asarray(spread)
@@ -490,17 +496,15 @@ def epoch_table(loaded, group, conditions, pair=('exact_homeo0', 'exact_homeo15'
   text = lambda m, se: f'{m:.2f}' if se is None else f'{m:.2f} ± {se:.2f}'
   stats, steps = {}, {}
   for name, label in conditions:
-    items, per_epoch = seeds_of(loaded, group, name), collections.defaultdict(list)
-    for item in items:
-      for row in item.rows:
-        if isinstance(row.get('test_error'), (int, float)):
-          per_epoch[row['epoch']].append(float(row['test_error']))
-          steps.setdefault(row['epoch'], row.get('step'))
-    if per_epoch:
-      stats[name] = (label, len(items), {e: mean_se(v) for e, v in per_epoch.items()})
+    items = seeds_of(loaded, group, name)
+    errors = per_epoch(items, 'test_error')
+    if errors:
+      stats[name] = (label, len(items), {e: mean_se(v) for e, v in errors.items()})
+      for row in (row for item in items for row in item.rows):
+        steps.setdefault(row['epoch'], row.get('step'))
   if not stats:
     return []
-  epochs = sorted(steps)
+  epochs = sorted(set().union(*(by_epoch for _, _, by_epoch in stats.values())))
   head = ['condition', 'seeds'] + [f'epoch {e}' + (f' (step {steps[e]:,})' if steps[e] else '')
                                    for e in epochs]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
