@@ -842,7 +842,8 @@ def main(argv=None):
              'Table 1 settings otherwise).', '', *checks_table(loaded), '']
   rows, missing = run_table(loaded, results_dir)
   if missing:
-    notes.append(f'{len(missing)} planned runs have no results yet (skipped): '
+    runs_have = '1 planned run has' if len(missing) == 1 else f'{len(missing)} planned runs have'
+    notes.append(f'{runs_have} no results yet (skipped): '
                  + ', '.join(missing) + '.')
   partial = [k for k, v in loaded.items() if v.epochs < v.wanted]
   if partial:
