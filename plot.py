@@ -849,7 +849,8 @@ def main(argv=None):
   if partial:
     notes.append('Partial runs (drawn up to the epoch reached): ' + ', '.join(
         f'{k} ({loaded[k].epochs}/{loaded[k].wanted})' for k in partial) + '.')
-  report += ['## Notes', ''] + [f'* {n}' for n in notes] + ['']
+  if notes:
+    report += ['## Notes', ''] + [f'* {n}' for n in notes] + ['']
   report += ['## Every planned run', '', *rows, '']
   path = os.path.join(out_dir, 'fmnist_report.md')
   with open(path, 'w') as f:
